@@ -1,0 +1,27 @@
+# Two commands for a fresh machine: `make repro` and `make test`. Both set up the
+# environment first: uv (installed into .tools/ when missing), then .venv from uv.lock.
+UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
+RUN := $(UV) run --frozen
+
+.PHONY: setup repro test lint format
+
+setup: $(UV)
+	$(UV) sync --frozen
+
+.tools/bin/uv:
+	python3 -m venv .tools
+	.tools/bin/pip install --quiet uv==0.13.8
+
+repro: setup
+	$(RUN) dvc repro
+
+test: setup lint
+	$(RUN) pytest
+
+lint: setup
+	$(RUN) ruff format --check .
+	$(RUN) ruff check .
+
+format: setup
+	$(RUN) ruff format .
+	$(RUN) ruff check --fix .

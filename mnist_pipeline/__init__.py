@@ -1,0 +1,1 @@
+"""Model, data and metrics shared by the pipeline's stages (see dvc.yaml)."""

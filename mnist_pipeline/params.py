@@ -1,0 +1,75 @@
+"""Reading params.yaml into checked, typed settings; every mistake names the parameter."""
+
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mnist_pipeline.stage import PipelineError
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    hidden_sizes: list[int]
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    lr: float
+    momentum: float
+    batch_size: int
+    epochs: int
+    seed: int
+    device: str
+
+
+# For each parameter: a test of its value and what the error says was expected.
+CHECKS = {
+    "model.hidden_sizes": (
+        lambda v: isinstance(v, list) and all(_is_int(n) and n > 0 for n in v),
+        "a list of positive integers",
+    ),
+    "train.lr": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "train.momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "train.batch_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "train.epochs": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "train.seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "train.device": (
+        lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
+        "one of auto, cpu, cuda, cuda:N, mps",
+    ),
+}
+
+
+def load_params(path: Path, section: str, cls: type) -> Any:
+    """The checked `section` of the params file at `path`, as an instance of the dataclass `cls`."""
+    try:
+        params = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise PipelineError(f"{path}: cannot read ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise PipelineError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    values = (params or {}).get(section)
+    if not isinstance(values, dict):
+        raise PipelineError(f"{path}: missing section '{section}'")
+    names = {field.name for field in fields(cls)}
+    for key in values.keys() - names:
+        raise PipelineError(f"{path}: unknown parameter {section}.{key} (expected {', '.join(sorted(names))})")
+    for key in names:
+        name = f"{section}.{key}"
+        if key not in values:
+            raise PipelineError(f"{path}: missing parameter {name}")
+        check, expected = CHECKS[name]
+        if not check(values[key]):
+            raise PipelineError(f"{path}: {name} must be {expected}, got {values[key]!r}")
+    return cls(**{key: values[key] for key in names})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -1,0 +1,39 @@
+"""Stage evaluate: test-set loss and accuracy -> metrics/eval.json, plus per-class and confusion plots."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from mnist_pipeline.data import load_mnist, to_tensors
+from mnist_pipeline.metrics import evaluate, per_class_accuracy
+from mnist_pipeline.model import load_checkpoint
+from mnist_pipeline.stage import atomic_output, run_stage
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = ROOT / "data" / "mnist"
+CHECKPOINT = ROOT / "models" / "checkpoint.pt"
+METRICS = ROOT / "metrics" / "eval.json"
+PER_CLASS = ROOT / "metrics" / "per_class.csv"
+PREDICTIONS = ROOT / "metrics" / "predictions.csv"
+
+
+def main() -> None:
+    model = load_checkpoint(CHECKPOINT)
+    test_images, test_labels = load_mnist(DATA_DIR, "test")
+    # On the CPU whatever the training device: the figures then match the exported model's.
+    result = evaluate(model, *to_tensors(test_images, test_labels, torch.device("cpu")))
+    print(f"test loss {result.loss:.4f}, accuracy {result.accuracy:.4f} ({len(test_labels)} images)")
+    with atomic_output(METRICS, "w") as file:
+        json.dump({"loss": result.loss, "accuracy": result.accuracy}, file, indent=2)
+        file.write("\n")
+    per_class = per_class_accuracy(test_labels, result.predictions)
+    with atomic_output(PER_CLASS, "w") as file:
+        pd.DataFrame({"digit": range(len(per_class)), "accuracy": per_class}).to_csv(file, index=False)
+    with atomic_output(PREDICTIONS, "w") as file:
+        pd.DataFrame({"actual": test_labels, "predicted": result.predictions}).to_csv(file, index=False)
+
+
+if __name__ == "__main__":
+    run_stage(main)

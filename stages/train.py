@@ -1,0 +1,35 @@
+"""Stage train: fit the MLP on the training set -> models/checkpoint.pt, metrics/train_history.csv."""
+
+from pathlib import Path
+
+import torch
+
+from mnist_pipeline.data import load_mnist, to_tensors
+from mnist_pipeline.model import MLP, save_checkpoint
+from mnist_pipeline.params import ModelParams, TrainParams, load_params
+from mnist_pipeline.stage import atomic_output, run_stage
+from mnist_pipeline.training import select_device, train
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = ROOT / "params.yaml"
+DATA_DIR = ROOT / "data" / "mnist"
+CHECKPOINT = ROOT / "models" / "checkpoint.pt"
+HISTORY = ROOT / "metrics" / "train_history.csv"
+
+
+def main() -> None:
+    model_params = load_params(PARAMS, "model", ModelParams)
+    params = load_params(PARAMS, "train", TrainParams)
+    device = select_device(params.device)
+    images, labels = to_tensors(*load_mnist(DATA_DIR, "train"), device)
+    torch.manual_seed(params.seed)  # initial weights, made on the CPU so every device starts alike
+    model = MLP(model_params.hidden_sizes).to(device)
+    print(f"training on {device}: {len(images)} images, {params.epochs} epochs, batch {params.batch_size}")
+    history = train(model, images, labels, params)
+    save_checkpoint(model.cpu(), model_params.hidden_sizes, CHECKPOINT)
+    with atomic_output(HISTORY, "w") as file:
+        history.to_csv(file, index=False)
+
+
+if __name__ == "__main__":
+    run_stage(main)
