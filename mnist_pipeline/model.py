@@ -1,5 +1,6 @@
 """The multilayer perceptron, and the checkpoint that holds everything needed to rebuild it."""
 
+import pickle
 from pathlib import Path
 from typing import Final
 
@@ -54,7 +55,7 @@ def load_checkpoint(path: Path) -> MLP:
         model.load_state_dict(checkpoint["state_dict"])
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found (run the train stage: dvc repro train)") from None
-    except (RuntimeError, KeyError, TypeError) as error:
+    except (RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as error:
         reason = str(error).splitlines()[0]
         raise PipelineError(f"{path}: not a checkpoint written by the train stage ({reason})") from None
     return model.eval()

@@ -1,0 +1,122 @@
+"""Shared fixtures: small synthetic MNIST files, and temporary copies of the project."""
+
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parent.parent
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An unsigned-byte IDX file holding `array`, written independently of the code under test."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def synthetic_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy images where each class lights up its own 6x6 patch: learnable in a few epochs."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(n, 28, 28))
+    for index, label in enumerate(labels):
+        row, col = divmod(int(label), 5)
+        images[index, 2 + 12 * row : 8 + 12 * row, 2 + 5 * col : 8 + 5 * col] = 255
+    return images.astype(np.uint8), labels.astype(np.uint8)
+
+
+def write_mirror(directory: Path, n_train: int = 600, n_test: int = 200) -> str:
+    """Write the four gzipped IDX files of a synthetic dataset; return their md5sum-style table."""
+    directory.mkdir(parents=True, exist_ok=True)
+    table = []
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        images, labels = synthetic_split(n, seed)
+        for name, array in zip(FILES[split], (images, labels), strict=True):
+            content = idx_bytes(array)
+            (directory / f"{name}.gz").write_bytes(gzip.compress(content, mtime=0))
+            table.append(f"{hashlib.md5(content).hexdigest()}  {name}\n")
+    return "".join(table)
+
+
+@pytest.fixture(scope="session")
+def synthetic_mirror(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A directory of synthetic .gz files and their checksum table."""
+    directory = tmp_path_factory.mktemp("mirror")
+    return directory, write_mirror(directory)
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def http_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """A loopback HTTP server: files put under the returned directory are served at the returned URL."""
+    root = tmp_path_factory.mktemp("http")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def copy_project(destination: Path, checksums: str | None = None) -> Path:
+    """Copy the project into `destination` (a fresh git repo), optionally with its own checksum table."""
+    # What git would commit: sources, config and committed metrics, not .venv or DVC outputs.
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=PROJECT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        if (PROJECT / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT / name, destination / name)
+    if checksums is not None:
+        (destination / "data" / "mnist.md5").write_text(checksums)
+    subprocess.run(["git", "init", "-q"], cwd=destination, check=True)
+    # A repo-local identity: DVC commits experiments, and CI machines may have no global one.
+    subprocess.run(["git", "config", "user.name", "test"], cwd=destination, check=True)
+    subprocess.run(["git", "config", "user.email", "test@example.com"], cwd=destination, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=destination, check=True)
+    subprocess.run(["git", "commit", "-qm", "copy"], cwd=destination, check=True)
+    return destination
+
+
+def set_params(project: Path, **train: object) -> None:
+    """Overwrite train.* values in a copy's params.yaml."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(train)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run(project: Path, *command: str, mirror: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command (dvc, python, ...) in `project` with this environment's tools and the copy's own package."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MNIST_MIRROR", "PYTHONHASHSEED")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = str(project)  # the copy's mnist_pipeline, not the one installed from PROJECT
+    if mirror is not None:
+        env["MNIST_MIRROR"] = mirror
+    result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result

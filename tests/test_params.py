@@ -1,0 +1,74 @@
+import pytest
+from conftest import PROJECT
+
+from mnist_pipeline.params import ModelParams, TrainParams, load_params
+from mnist_pipeline.stage import PipelineError
+
+VALID = """
+model:
+  hidden_sizes: [8, 4]
+train:
+  lr: 0.1
+  momentum: 0
+  batch_size: 16
+  epochs: 2
+  seed: 0
+  device: cpu
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_project_defaults_are_the_tutorial_setup():
+    assert load_params(PROJECT / "params.yaml", "model", ModelParams) == ModelParams([520, 320, 240, 120])
+    assert load_params(PROJECT / "params.yaml", "train", TrainParams) == TrainParams(
+        lr=0.01, momentum=0.5, batch_size=64, epochs=9, seed=1, device="auto"
+    )
+
+
+def test_valid_params_load_as_typed_settings(tmp_path):
+    path = write(tmp_path, VALID)
+    assert load_params(path, "model", ModelParams).hidden_sizes == [8, 4]
+    assert load_params(path, "train", TrainParams).device == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("lr: 0.1", "lr: -1", "train.lr must be a positive number, got -1"),
+        ("lr: 0.1", "lr: fast", "train.lr must be a positive number, got 'fast'"),
+        ("momentum: 0", "momentum: 1", r"train.momentum must be a number in \[0, 1\), got 1"),
+        ("batch_size: 16", "batch_size: 16.5", "train.batch_size must be a positive integer, got 16.5"),
+        ("epochs: 2", "epochs: 0", "train.epochs must be a positive integer, got 0"),
+        ("epochs: 2", "epochs: true", "train.epochs must be a positive integer, got True"),
+        ("seed: 0", "seed: -3", "train.seed must be a non-negative integer, got -3"),
+        ("device: cpu", "device: gpu", "train.device must be one of auto, cpu, cuda, cuda:N, mps, got 'gpu'"),
+        ("device: cpu", "device: 'cuda:x'", "train.device must be one of .*, got 'cuda:x'"),
+        ("seed: 0", "sed: 0", "unknown parameter train.sed"),
+        ("  seed: 0\n", "", "missing parameter train.seed"),
+    ],
+)
+def test_bad_train_params_name_the_parameter_and_what_was_expected(tmp_path, old, new, message):
+    path = write(tmp_path, VALID.replace(old, new))
+    with pytest.raises(PipelineError, match=message) as error:
+        load_params(path, "train", TrainParams)
+    assert str(error.value).startswith(f"{path}: ")
+
+
+def test_bad_hidden_sizes(tmp_path):
+    path = write(tmp_path, VALID.replace("[8, 4]", "[8, 0]"))
+    with pytest.raises(PipelineError, match=r"model.hidden_sizes must be a list of positive integers, got \[8, 0\]"):
+        load_params(path, "model", ModelParams)
+
+
+def test_missing_section_and_broken_yaml(tmp_path):
+    with pytest.raises(PipelineError, match="missing section 'model'"):
+        load_params(write(tmp_path, "train: {}\n"), "model", ModelParams)
+    with pytest.raises(PipelineError, match="not valid YAML"):
+        load_params(write(tmp_path, "train: [unclosed\n"), "train", TrainParams)
+    with pytest.raises(PipelineError, match="cannot read"):
+        load_params(tmp_path / "absent.yaml", "train", TrainParams)

@@ -1,0 +1,51 @@
+import dataclasses
+
+import pytest
+import torch
+from conftest import synthetic_split
+
+from mnist_pipeline.data import to_tensors
+from mnist_pipeline.model import MLP
+from mnist_pipeline.params import TrainParams
+from mnist_pipeline.stage import PipelineError
+from mnist_pipeline.training import select_device, train
+
+PARAMS = TrainParams(lr=0.05, momentum=0.5, batch_size=32, epochs=3, seed=1, device="cpu")
+
+
+def fit(params: TrainParams = PARAMS) -> tuple[MLP, object]:
+    images, labels = to_tensors(*synthetic_split(320, seed=0), torch.device("cpu"))
+    torch.manual_seed(params.seed)
+    model = MLP([64, 32])
+    return model, train(model, images, labels, params)
+
+
+def test_auto_device_picks_what_this_machine_has():
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert select_device("auto").type == expected
+    assert select_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_missing_cuda_device_is_a_clear_error():
+    with pytest.raises(PipelineError, match="train.device is 'cuda' but this machine has no cuda device"):
+        select_device("cuda")
+
+
+def test_training_learns_and_records_each_epoch():
+    model, history = fit()
+    assert history["epoch"].tolist() == [1, 2, 3]
+    assert list(history.columns) == ["epoch", "loss", "accuracy"]
+    assert history["loss"].iloc[-1] < history["loss"].iloc[0]
+    assert history["accuracy"].iloc[-1] > 0.9  # each class has its own bright patch
+    assert not model.training
+
+
+def test_same_seed_same_weights_other_seed_other_weights():
+    first, history = fit()
+    second, again = fit()
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert history.equals(again)
+    other, _ = fit(dataclasses.replace(PARAMS, seed=2))
+    assert not torch.equal(first.layers[0].weight, other.layers[0].weight)
