@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -85,3 +86,41 @@ def test_exported_model_works_with_torch_alone(project):
     accuracy, imported = result.stdout.split(maxsplit=1)
     assert imported.strip() == "[]"
     assert float(accuracy) == json.loads((project / "metrics" / "eval.json").read_text())["accuracy"]
+
+
+@pytest.mark.skipif(
+    not shutil.which("cmake") or not (shutil.which("c++") or shutil.which("g++")),
+    reason="building the C++ example needs cmake and a C++ compiler",
+)
+def test_cpp_example_scores_the_same_accuracy(project, tmp_path):
+    import torch
+
+    build = tmp_path / "build"
+    subprocess.run(
+        [
+            "cmake",
+            "-S",
+            PROJECT / "examples" / "cpp",
+            "-B",
+            build,
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+        ],
+        capture_output=True,
+        check=True,
+    )
+    subprocess.run(["cmake", "--build", build], capture_output=True, check=True)
+    data = project / "data" / "mnist"
+    result = subprocess.run(
+        [
+            build / "mnist_classify",
+            project / "models" / "model.pt",
+            data / "t10k-images-idx3-ubyte",
+            data / "t10k-labels-idx1-ubyte",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    correct, total = result.stdout.split()[1].split("/")  # "accuracy 9749/10000 = 0.9749"
+    assert int(total) == 10000
+    assert int(correct) / int(total) == json.loads((project / "metrics" / "eval.json").read_text())["accuracy"]
