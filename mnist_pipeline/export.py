@@ -1,23 +1,62 @@
-"""TorchScript export with byte-identical output, checked against the eager model."""
+"""The deployable model: TorchScript (primary) and torch.export files, byte-identical from run to run."""
 
+import hashlib
 import io
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from mnist_pipeline.model import MLP
+from mnist_pipeline.data import IMAGE_SIZE, NUM_CLASSES
+from mnist_pipeline.model import MNIST_MEAN, MNIST_STD, Checkpoint
 from mnist_pipeline.stage import PipelineError, atomic_output
+from mnist_pipeline.torchscript import TORCHSCRIPT_DEPRECATED, load_torchscript
 
 PARITY_TOLERANCE = 1e-5
 
-# torch >= 2.10 deprecates TorchScript in favour of torch.export, but TorchScript is still
-# what libtorch loads from C++; the warning is silenced only around our own calls.
-TORCHSCRIPT_DEPRECATED = r"`torch\.jit\.\w+` is deprecated"
+INPUT_CONTRACT = (
+    "float32 [N, 1, 28, 28] or [N, 28, 28] with pixels in [0, 1], or uint8 of the same shapes in 0..255; "
+    "light digits on a dark background, as in MNIST"
+)
 
 
-def torchscript_bytes(model: MLP) -> bytes:
-    """The scripted model as a .pt archive whose bytes depend only on the model.
+class DigitClassifier(nn.Module):
+    """What models/model.pt holds: checked MNIST-style images in, logits or probabilities out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits [N, 10]."""
+        return self.model(self.pixels(images))
+
+    @torch.jit.export
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Softmax of the logits, [N, 10]."""
+        return torch.softmax(self.forward(images), dim=1)
+
+    @torch.jit.export
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Any accepted input as float32 [N, 1, 28, 28] in [0, 1]; anything else is a ValueError."""
+        if images.dim() == 3:
+            images = images.unsqueeze(1)
+        if images.dim() != 4 or list(images.shape[1:]) != [1, 28, 28]:
+            raise ValueError("expected images of shape [N, 28, 28] or [N, 1, 28, 28], got " + str(list(images.shape)))
+        if images.dtype == torch.uint8:
+            return images.float() / 255
+        if images.dtype != torch.float32:
+            raise ValueError("expected float32 pixels in [0, 1] or uint8 pixels in 0..255, got another dtype")
+        if images.numel() > 0 and (bool(images.min() < 0) or bool(images.max() > 1)):
+            raise ValueError("float32 pixels must be in [0, 1] (pass uint8 for 0..255 values)")
+        return images
+
+
+def torchscript_bytes(model: nn.Module) -> bytes:
+    """The scripted DigitClassifier as a .pt archive whose bytes depend only on the model.
 
     Saving to a buffer names the archive's inner folder "archive" whatever the file is called.
     The `.debug_pkl` records (source ranges for error messages) hold the absolute paths of
@@ -28,7 +67,7 @@ def torchscript_bytes(model: MLP) -> bytes:
     saved = io.BytesIO()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", TORCHSCRIPT_DEPRECATED, FutureWarning)
-        torch.jit.save(torch.jit.script(model), saved)
+        torch.jit.save(torch.jit.script(DigitClassifier(model)), saved)
     reader = torch._C.PyTorchFileReader(io.BytesIO(saved.getvalue()))
     out = io.BytesIO()
     writer = torch._C.PyTorchFileWriter(out)
@@ -41,21 +80,77 @@ def torchscript_bytes(model: MLP) -> bytes:
     return out.getvalue()
 
 
-def export_torchscript(model: MLP, path: Path, images: torch.Tensor) -> float:
-    """Write `path`, load it back and return the max abs difference from `model` on `images`.
+def exported_program_bytes(model: nn.Module) -> bytes:
+    """The model through torch.export, batch dimension dynamic, as a .pt2 archive.
+
+    Input float32 [N, 1, 28, 28] in [0, 1], output logits. The example input is fixed and
+    the nodes' stack traces (absolute source paths) are dropped, so the bytes are stable.
+    """
+    example = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
+    program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+    for node in program.graph.nodes:
+        node.meta.pop("stack_trace", None)
+    saved = io.BytesIO()
+    torch.export.save(program, saved)
+    return saved.getvalue()
+
+
+def write_verified(
+    content: bytes, path: Path, load: Callable[[Path], Callable], model: nn.Module, images: torch.Tensor
+) -> float:
+    """Write `path`, load it back, and return its max abs difference from `model` on `images`.
 
     The file is removed again if the difference exceeds PARITY_TOLERANCE.
     """
     with atomic_output(path) as file:
-        file.write(torchscript_bytes(model))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", TORCHSCRIPT_DEPRECATED, FutureWarning)
-        loaded = torch.jit.load(path, map_location="cpu")
+        file.write(content)
     with torch.no_grad():
-        difference = (loaded(images) - model(images)).abs().max().item()
+        difference = (load(path)(images) - model(images)).abs().max().item()
     if difference > PARITY_TOLERANCE:
         path.unlink()
         raise PipelineError(
             f"{path}: exported model differs from the trained one by {difference:.2e} (tolerance {PARITY_TOLERANCE:g})"
         )
     return difference
+
+
+def export_torchscript(model: nn.Module, path: Path, images: torch.Tensor) -> float:
+    """models/model.pt, checked against `model` on `images`; returns the max abs difference."""
+    return write_verified(torchscript_bytes(model), path, load_torchscript, model, images)
+
+
+def export_program(model: nn.Module, path: Path, images: torch.Tensor) -> float:
+    """models/model.pt2, checked against `model` on `images`; returns the max abs difference."""
+    return write_verified(
+        exported_program_bytes(model), path, lambda p: torch.export.load(p).module(), model, images
+    )
+
+
+def model_card(checkpoint: Checkpoint, metrics: dict[str, float], artifacts: dict[str, Path]) -> dict[str, Any]:
+    """Everything a user of the artifacts needs to know, with the artifacts' sha256."""
+    return {
+        "name": "mnist-mlp",
+        "task": "handwritten digit classification (MNIST)",
+        "artifacts": {
+            name: {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+            for name, path in artifacts.items()
+        },
+        "input": {
+            "torchscript": INPUT_CONTRACT,
+            "torch_export": "float32 [N, 1, 28, 28] with pixels in [0, 1]",
+        },
+        "output": {
+            "forward": "logits, float32 [N, 10]",
+            "probabilities": "softmax of the logits, float32 [N, 10] (TorchScript method)",
+        },
+        "normalization": {"mean": MNIST_MEAN, "std": MNIST_STD, "applied": "inside the model"},
+        "labels": [str(digit) for digit in range(NUM_CLASSES)],
+        "architecture": {
+            "type": "multilayer perceptron",
+            "layers": [IMAGE_SIZE * IMAGE_SIZE, *checkpoint.hidden_sizes, NUM_CLASSES],
+            "activation": "ReLU",
+        },
+        "training": {"dataset": "MNIST training set", **checkpoint.train_params},
+        "metrics": {"dataset": "MNIST test set", **metrics},
+        "torch_version": torch.__version__,
+    }

@@ -1,7 +1,9 @@
 """The multilayer perceptron, and the checkpoint that holds everything needed to rebuild it."""
 
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from typing import Final
 
 import torch
@@ -40,22 +42,29 @@ class MLP(nn.Module):
         return self.layers((x.flatten(1) - self.mean) / self.std)
 
 
-def save_checkpoint(model: MLP, hidden_sizes: list[int], path: Path) -> None:
-    """Weights plus the architecture, so `load_checkpoint` needs nothing else."""
-    checkpoint = {"hidden_sizes": list(hidden_sizes), "state_dict": model.state_dict()}
+@dataclass(frozen=True)
+class Checkpoint:
+    model: MLP
+    hidden_sizes: list[int]
+    train_params: dict[str, Any]  # the train.* params the weights came from
+
+
+def save_checkpoint(model: MLP, hidden_sizes: list[int], train_params: dict[str, Any], path: Path) -> None:
+    """Weights plus the architecture (so `load_checkpoint` needs nothing else) and the training params."""
+    checkpoint = {"hidden_sizes": list(hidden_sizes), "train_params": train_params, "state_dict": model.state_dict()}
     with atomic_output(path) as file:
         torch.save(checkpoint, file)
 
 
-def load_checkpoint(path: Path) -> MLP:
-    """The trained model, on the CPU, in eval mode."""
+def load_checkpoint(path: Path) -> Checkpoint:
+    """The trained model, on the CPU and in eval mode, with what it was built from."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         model = MLP(checkpoint["hidden_sizes"])
         model.load_state_dict(checkpoint["state_dict"])
+        return Checkpoint(model.eval(), checkpoint["hidden_sizes"], checkpoint["train_params"])
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found (run the train stage: dvc repro train)") from None
     except (RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as error:
         reason = str(error).splitlines()[0]
         raise PipelineError(f"{path}: not a checkpoint written by the train stage ({reason})") from None
-    return model.eval()

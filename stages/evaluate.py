@@ -20,7 +20,7 @@ PREDICTIONS = ROOT / "metrics" / "predictions.csv"
 
 
 def main() -> None:
-    model = load_checkpoint(CHECKPOINT)
+    model = load_checkpoint(CHECKPOINT).model
     test_images, test_labels = load_mnist(DATA_DIR, "test")
     # On the CPU whatever the training device: the figures then match the exported model's.
     result = evaluate(model, *to_tensors(test_images, test_labels, torch.device("cpu")))

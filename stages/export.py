@@ -1,4 +1,4 @@
-"""Stage export: the trained model as TorchScript -> models/model.pt, checked on the test set."""
+"""Stage export: models/model.pt (TorchScript), models/model.pt2 (torch.export), models/model.json (card)."""
 
 import os
 import sys
@@ -8,26 +8,40 @@ import sys
 if os.environ.get("PYTHONHASHSEED") != "0":
     os.execve(sys.executable, sys.orig_argv, {**os.environ, "PYTHONHASHSEED": "0"})
 
+import json
 from pathlib import Path
 
 import torch
 
 from mnist_pipeline.data import load_mnist, to_tensors
-from mnist_pipeline.export import export_torchscript
+from mnist_pipeline.export import export_program, export_torchscript, model_card
 from mnist_pipeline.model import load_checkpoint
-from mnist_pipeline.stage import run_stage
+from mnist_pipeline.stage import PipelineError, atomic_output, run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "data" / "mnist"
 CHECKPOINT = ROOT / "models" / "checkpoint.pt"
-EXPORTED = ROOT / "models" / "model.pt"
+METRICS = ROOT / "metrics" / "eval.json"
+TORCHSCRIPT = ROOT / "models" / "model.pt"
+PROGRAM = ROOT / "models" / "model.pt2"
+CARD = ROOT / "models" / "model.json"
 
 
 def main() -> None:
-    model = load_checkpoint(CHECKPOINT)
+    checkpoint = load_checkpoint(CHECKPOINT)
     images, _ = to_tensors(*load_mnist(DATA_DIR, "test"), torch.device("cpu"))
-    difference = export_torchscript(model, EXPORTED, images.view(-1, 1, 28, 28))
-    print(f"{EXPORTED.name}: matches the trained model on {len(images)} test images (max abs diff {difference:.1e})")
+    images = images.view(-1, 1, 28, 28)
+    for path, export in ((TORCHSCRIPT, export_torchscript), (PROGRAM, export_program)):
+        difference = export(checkpoint.model, path, images)
+        print(f"{path.name}: matches the trained model on {len(images)} test images (max abs diff {difference:.1e})")
+    try:
+        metrics = json.loads(METRICS.read_text())
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"{METRICS}: cannot read the test metrics (run dvc repro evaluate): {error}") from None
+    card = model_card(checkpoint, metrics, {"torchscript": TORCHSCRIPT, "torch_export": PROGRAM})
+    with atomic_output(CARD, "w") as file:
+        json.dump(card, file, indent=2)
+        file.write("\n")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Stage train: fit the MLP on the training set -> models/checkpoint.pt, metrics/train_history.csv."""
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ def main() -> None:
     model = MLP(model_params.hidden_sizes).to(device)
     print(f"training on {device}: {len(images)} images, {params.epochs} epochs, batch {params.batch_size}")
     history = train(model, images, labels, params)
-    save_checkpoint(model.cpu(), model_params.hidden_sizes, CHECKPOINT)
+    save_checkpoint(model.cpu(), model_params.hidden_sizes, dataclasses.asdict(params), CHECKPOINT)
     with atomic_output(HISTORY, "w") as file:
         history.to_csv(file, index=False)
 
