@@ -1,5 +1,6 @@
 """The deployable model: TorchScript (primary) and torch.export files, byte-identical from run to run."""
 
+import copy
 import hashlib
 import io
 import warnings
@@ -55,6 +56,11 @@ class DigitClassifier(nn.Module):
         return images
 
 
+def inference_copy(model: nn.Module) -> nn.Module:
+    """The model without gradients, so that users' outputs carry no autograd graph."""
+    return copy.deepcopy(model).requires_grad_(False).eval()
+
+
 def torchscript_bytes(model: nn.Module) -> bytes:
     """The scripted DigitClassifier as a .pt archive whose bytes depend only on the model.
 
@@ -67,7 +73,7 @@ def torchscript_bytes(model: nn.Module) -> bytes:
     saved = io.BytesIO()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", TORCHSCRIPT_DEPRECATED, FutureWarning)
-        torch.jit.save(torch.jit.script(DigitClassifier(model)), saved)
+        torch.jit.save(torch.jit.script(DigitClassifier(inference_copy(model))), saved)
     reader = torch._C.PyTorchFileReader(io.BytesIO(saved.getvalue()))
     out = io.BytesIO()
     writer = torch._C.PyTorchFileWriter(out)
@@ -87,7 +93,9 @@ def exported_program_bytes(model: nn.Module) -> bytes:
     the nodes' stack traces (absolute source paths) are dropped, so the bytes are stable.
     """
     example = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
-    program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+    program = torch.export.export(
+        inference_copy(model), (example,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}}
+    )
     for node in program.graph.nodes:
         node.meta.pop("stack_trace", None)
     saved = io.BytesIO()
@@ -121,9 +129,7 @@ def export_torchscript(model: nn.Module, path: Path, images: torch.Tensor) -> fl
 
 def export_program(model: nn.Module, path: Path, images: torch.Tensor) -> float:
     """models/model.pt2, checked against `model` on `images`; returns the max abs difference."""
-    return write_verified(
-        exported_program_bytes(model), path, lambda p: torch.export.load(p).module(), model, images
-    )
+    return write_verified(exported_program_bytes(model), path, lambda p: torch.export.load(p).module(), model, images)
 
 
 def model_card(checkpoint: Checkpoint, metrics: dict[str, float], artifacts: dict[str, Path]) -> dict[str, Any]:

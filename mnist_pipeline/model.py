@@ -3,8 +3,7 @@
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from typing import Final
+from typing import Any, Final
 
 import torch
 from torch import nn

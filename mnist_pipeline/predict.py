@@ -1,6 +1,6 @@
 """mnist-predict: classify image files with the exported TorchScript model (and nothing else of ours).
 
-    uv run mnist-predict digit.png photo.jpg [--model models/model.pt] [--json]
+uv run mnist-predict digit.png photo.jpg [--model models/model.pt] [--json]
 """
 
 import argparse
@@ -15,8 +15,8 @@ from PIL import Image, UnidentifiedImageError
 from mnist_pipeline.torchscript import load_torchscript
 
 DIGIT_BOX = 20  # MNIST fits each digit into 20x20 pixels...
-CANVAS = 28  # ...and centres its centre of mass in 28x28.
-INK_THRESHOLD = 0.25  # fraction of the brightest pixel that counts as part of the digit
+CANVAS = 28  # ...and puts its centre of mass at (14, 14) in 28x28.
+INK_THRESHOLD = 0.1  # fraction of the brightest pixel that counts as part of the digit
 
 
 def to_mnist(image: Image.Image) -> np.ndarray:
@@ -46,8 +46,8 @@ def to_mnist(image: Image.Image) -> np.ndarray:
         raise ValueError("no digit found (the image is blank)")
     centre_row = (resized.sum(axis=1) * np.arange(height)).sum() / total
     centre_col = (resized.sum(axis=0) * np.arange(width)).sum() / total
-    top = int(np.clip(round(CANVAS / 2 - 0.5 - centre_row), 0, CANVAS - height))
-    left = int(np.clip(round(CANVAS / 2 - 0.5 - centre_col), 0, CANVAS - width))
+    top = int(np.clip(round(CANVAS / 2 - centre_row), 0, CANVAS - height))
+    left = int(np.clip(round(CANVAS / 2 - centre_col), 0, CANVAS - width))
     canvas = np.zeros((CANVAS, CANVAS), np.uint8)
     canvas[top : top + height, left : left + width] = np.clip(resized, 0, 255).astype(np.uint8)
     return canvas

@@ -35,8 +35,11 @@ def test_inputs_are_normalized_with_the_mnist_statistics():
 def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
     torch.manual_seed(0)
     model = MLP([32, 16])
-    save_checkpoint(model, [32, 16], tmp_path / "checkpoint.pt")
-    loaded = load_checkpoint(tmp_path / "checkpoint.pt")
+    save_checkpoint(model, [32, 16], {"lr": 0.1, "epochs": 3}, tmp_path / "checkpoint.pt")
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert checkpoint.hidden_sizes == [32, 16]
+    assert checkpoint.train_params == {"lr": 0.1, "epochs": 3}
+    loaded = checkpoint.model
     assert not loaded.training
     x = torch.rand(3, 1, 28, 28)
     assert torch.equal(loaded(x), model.eval()(x))

@@ -31,6 +31,7 @@ def test_repro_runs_every_stage_and_reports_progress(built):
     assert f"from {url}/train-images-idx3-ubyte.gz" in result.stdout
     assert "epoch 3/3: loss" in result.stdout
     assert "model.pt: matches the trained model on 200 test images" in result.stdout
+    assert "model.pt2: matches the trained model on 200 test images" in result.stdout
 
 
 def test_repro_writes_metrics_plots_and_models(built):
@@ -48,6 +49,11 @@ def test_repro_writes_metrics_plots_and_models(built):
     assert (predictions["actual"] == predictions["predicted"]).mean() == metrics["accuracy"]
     assert (project / "models" / "checkpoint.pt").stat().st_size > 0
     assert (project / "models" / "model.pt").stat().st_size > 0
+    assert (project / "models" / "model.pt2").stat().st_size > 0
+    assert json.loads((project / "models" / "model.json").read_text())["metrics"] == {
+        "dataset": "MNIST test set",
+        **metrics,
+    }
     assert sorted(p.name for p in (project / "data" / "mnist").iterdir()) == [
         "t10k-images-idx3-ubyte",
         "t10k-labels-idx1-ubyte",
@@ -67,7 +73,8 @@ def test_second_repro_runs_nothing(built):
 def test_forced_repro_reproduces_every_output_byte_for_byte(built):
     project, _, url = built
     lock = (project / "dvc.lock").read_bytes()
-    outputs = {p: p.read_bytes() for p in [*(project / "metrics").iterdir(), *(project / "models").glob("*.pt")]}
+    outputs = {p: p.read_bytes() for p in [*(project / "metrics").iterdir(), *(project / "models").glob("*.*")]}
+    assert {p.name for p in outputs} >= {"eval.json", "checkpoint.pt", "model.pt", "model.pt2", "model.json"}
     result = run(project, "dvc", "repro", "-f", mirror=url)
     assert result.stdout.count("Running stage") == 4
     assert (project / "dvc.lock").read_bytes() == lock

@@ -1,15 +1,20 @@
 """End to end on the real MNIST files: two epochs through `dvc repro`, then the model used with torch alone."""
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import PROJECT, copy_project, run, set_params
+from PIL import Image
 
 from mnist_pipeline.data import load_mnist
 
@@ -32,6 +37,8 @@ def project(tmp_path_factory):
     # A relative MNIST_MIRROR is relative to the project root, not to the copy.
     mirror = MIRROR if "://" in MIRROR else str((PROJECT / MIRROR).resolve())
     run(copy, "dvc", "repro", mirror=mirror)
+    run(copy, "git", "add", "-A")
+    run(copy, "git", "commit", "-qm", "two epochs")
     return copy
 
 
@@ -88,39 +95,107 @@ def test_exported_model_works_with_torch_alone(project):
     assert float(accuracy) == json.loads((project / "metrics" / "eval.json").read_text())["accuracy"]
 
 
-@pytest.mark.skipif(
-    not shutil.which("cmake") or not (shutil.which("c++") or shutil.which("g++")),
-    reason="building the C++ example needs cmake and a C++ compiler",
-)
-def test_cpp_example_scores_the_same_accuracy(project, tmp_path):
-    import torch
+HAVE_CPP = bool(shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++")))
 
-    build = tmp_path / "build"
-    subprocess.run(
-        [
-            "cmake",
-            "-S",
-            PROJECT / "examples" / "cpp",
-            "-B",
-            build,
-            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-        ],
-        capture_output=True,
-        check=True,
-    )
-    subprocess.run(["cmake", "--build", build], capture_output=True, check=True)
-    data = project / "data" / "mnist"
+
+def readme_blocks(language: str) -> list[str]:
+    """The README's code blocks in `language` from its "Use the model elsewhere" section."""
+    readme = (PROJECT / "README.md").read_text()
+    section = readme.split("## Use the model elsewhere")[1].split("\n## ")[0]
+    return re.findall(rf"```{language}\n(.*?)```", section, re.DOTALL)
+
+
+@pytest.fixture(scope="module")
+def pictures(project):
+    """Real test digits as the files the README names: digit.png and digit.pgm (a 7), scan.jpg (a 2:
+    dark on light paper, off-centre, 7 times larger)."""
+    images, labels = load_mnist(project / "data" / "mnist", "test")
+    assert labels[0] == 7 and labels[1] == 2
+    Image.fromarray(images[0]).save(project / "digit.png")
+    Image.fromarray(images[0]).save(project / "digit.pgm")
+    paper = np.full((320, 260), 235, np.uint8)
+    two = np.asarray(Image.fromarray(255 - images[1]).resize((196, 196), Image.Resampling.BICUBIC))
+    paper[10:206, 50:246] = np.minimum(paper[10:206, 50:246], two)
+    Image.fromarray(paper).convert("RGB").save(project / "scan.jpg")
+    return project
+
+
+@pytest.fixture(scope="module")
+def uv_shim(tmp_path_factory):
+    """A `uv` whose `uv run CMD` runs CMD from this test environment, so README commands run as written."""
+    directory = tmp_path_factory.mktemp("shim")
+    (directory / "uv").write_text('#!/bin/sh\n[ "$1" = run ] && shift\nexec "$@"\n')
+    (directory / "uv").chmod(0o755)
+    return directory
+
+
+def run_shell(project: Path, script: str, shim: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
+    env["PATH"] = os.pathsep.join([str(shim), str(Path(sys.executable).parent), env["PATH"]])
+    result = subprocess.run(["bash", "-e", "-c", script], cwd=project, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def test_readme_python_snippet_runs_with_torch_alone(project):
+    [snippet] = readme_blocks("python")
     result = subprocess.run(
-        [
-            build / "mnist_classify",
-            project / "models" / "model.pt",
-            data / "t10k-images-idx3-ubyte",
-            data / "t10k-labels-idx1-ubyte",
-        ],
+        [sys.executable, "-I", "-W", "ignore::FutureWarning", "-c", snippet],
+        cwd=project,
         capture_output=True,
         text=True,
         check=True,
     )
-    correct, total = result.stdout.split()[1].split("/")  # "accuracy 9749/10000 = 0.9749"
-    assert int(total) == 10000
-    assert int(correct) / int(total) == json.loads((project / "metrics" / "eval.json").read_text())["accuracy"]
+    assert result.stdout.splitlines() == [
+        "torch.Size([2, 10])",
+        "tensor([1.0000, 1.0000])",
+        "torch.Size([5, 10])",
+    ]
+
+
+def test_readme_predict_commands_classify_real_digits(pictures, uv_shim):
+    predict, predict_json = readme_blocks("sh")[0].strip().splitlines()
+    lines = run_shell(pictures, predict, uv_shim).splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["digit.png: 7", "scan.jpg: 2"]
+    [result] = json.loads(run_shell(pictures, predict_json, uv_shim))
+    assert result["file"] == "digit.png" and result["digit"] == 7 and result["probability"] > 0.5
+
+
+def test_predict_classifies_a_handful_of_real_test_digits(project, tmp_path, uv_shim):
+    images, labels = load_mnist(project / "data" / "mnist", "test")
+    for index in range(8):
+        Image.fromarray(images[index]).save(tmp_path / f"{index}.png")
+    files = " ".join(str(tmp_path / f"{index}.png") for index in range(8))
+    results = json.loads(run_shell(project, f"uv run mnist-predict --json {files}", uv_shim))
+    assert [r["digit"] for r in results] == labels[:8].tolist()
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="building the C++ example needs cmake and a C++ compiler")
+def test_readme_cpp_example_builds_and_matches_the_metrics(pictures, uv_shim):
+    output = run_shell(pictures, readme_blocks("sh")[1], uv_shim)  # cmake's own messages, then ours
+    accuracy = json.loads((pictures / "metrics" / "eval.json").read_text())["accuracy"]
+    correct, total = re.search(r"^accuracy (\d+)/(\d+) = ", output, re.MULTILINE).groups()
+    assert int(total) == 10000 and int(correct) / int(total) == accuracy
+    assert re.findall(r"^(digit\.\w+: \d) \(probability", output, re.MULTILINE) == ["digit.pgm: 7", "digit.png: 7"]
+
+
+def test_readme_artifact_commands_fetch_the_model(project, uv_shim, tmp_path):
+    run_shell(project, readme_blocks("sh")[2], uv_shim)
+    assert (project / "shipped.pt").read_bytes() == (project / "models" / "model.pt").read_bytes()
+    script = "import dvc.api, sys; print(dvc.api.artifacts_show('mnist-mlp', repo=sys.argv[1])['path'])"
+    shown = subprocess.run([sys.executable, "-c", script, str(project)], capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == "models/model.pt"
+
+
+def test_model_card_is_complete_and_its_hashes_are_true(project):
+    card = json.loads((project / "models" / "model.json").read_text())
+    for artifact in card["artifacts"].values():
+        content = (project / "models" / artifact["file"]).read_bytes()
+        assert artifact["sha256"] == hashlib.sha256(content).hexdigest()
+    assert card["metrics"]["accuracy"] == json.loads((project / "metrics" / "eval.json").read_text())["accuracy"]
+    assert card["architecture"]["layers"] == [784, 520, 320, 240, 120, 10]
+    assert card["training"]["epochs"] == 2 and card["training"]["lr"] == 0.01
+    assert card["labels"] == [str(d) for d in range(10)]
+    assert card["normalization"] == {"mean": 0.1307, "std": 0.3081, "applied": "inside the model"}
+    assert card["torch_version"] == torch.__version__
+    assert set(card["input"]) == {"torchscript", "torch_export"}
