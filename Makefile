@@ -3,7 +3,7 @@
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: setup repro test lint format
+.PHONY: setup repro test lint format fast best bench
 
 setup: $(UV)
 	$(UV) sync --frozen
@@ -14,6 +14,14 @@ setup: $(UV)
 
 repro: setup
 	$(RUN) dvc repro
+
+# The recipes in recipes/ as named DVC experiments (`uv run dvc exp show` lists them).
+fast best: setup
+	-$(RUN) dvc exp remove --quiet $@ 2>/dev/null
+	$(RUN) dvc exp run --name $@ $(addprefix -S ,$(shell grep -v '^#' recipes/$@.txt))
+
+bench: setup
+	$(RUN) python benchmarks/bench.py
 
 test: setup lint
 	$(RUN) pytest

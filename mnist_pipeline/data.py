@@ -23,19 +23,19 @@ UNSIGNED_BYTE = 0x08
 def read_idx(path: Path) -> np.ndarray:
     """Read an unsigned-byte IDX file into an array of the shape its header declares."""
     data = _read_bytes(path)
-    if len(data) < 4 or data[0:2] != b"\0\0" or data[2] != UNSIGNED_BYTE:
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != UNSIGNED_BYTE:
         raise PipelineError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
-    ndim = data[3]
+    ndim = int(data[3])
     header_size = 4 + 4 * ndim
     if len(data) < header_size:
         raise PipelineError(f"{path}: truncated IDX header")
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int(n) for n in data[4:header_size].view(">u4"))
     expected = header_size + int(np.prod(shape, dtype=np.int64))
     if len(data) != expected:
         raise PipelineError(
             f"{path}: header declares shape {shape} ({expected} bytes) but the file has {len(data)} bytes"
         )
-    return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
+    return data[header_size:].reshape(shape)
 
 
 def load_idx_images(path: Path) -> np.ndarray:
@@ -68,9 +68,9 @@ def load_mnist(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path) -> np.ndarray:
     try:
-        return path.read_bytes()
+        return np.fromfile(path, dtype=np.uint8)  # one writable buffer, shared by the tensors made from it
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found (run the download stage: dvc repro download)") from None
     except OSError as error:
@@ -78,7 +78,12 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def to_tensors(images: np.ndarray, labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images -> float32 [N, 784] in [0, 1], labels -> int64 [N], both on `device`."""
-    x = torch.from_numpy(images.reshape(len(images), -1).copy()).to(device).float().div_(255)
+    """Images as uint8 [N, 784] (as compact as the files), labels as int64 [N], both on `device`."""
+    x = torch.from_numpy(images.reshape(len(images), -1)).to(device)
     y = torch.from_numpy(labels.astype(np.int64)).to(device)
     return x, y
+
+
+def scale_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1], what the model takes."""
+    return images.float().div_(255)

@@ -17,12 +17,17 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class TrainParams:
+    optimizer: str
     lr: float
     momentum: float
+    weight_decay: float
+    schedule: str
     batch_size: int
     epochs: int
     seed: int
     device: str
+    precision: str
+    num_threads: int
 
 
 # For each parameter: a test of its value and what the error says was expected.
@@ -31,7 +36,12 @@ CHECKS = {
         lambda v: isinstance(v, list) and all(_is_int(n) and n > 0 for n in v),
         "a list of positive integers",
     ),
+    "train.optimizer": (lambda v: v in ("sgd", "adamw"), "sgd or adamw"),
     "train.lr": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "train.weight_decay": (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
+    "train.schedule": (lambda v: v in ("constant", "onecycle"), "constant or onecycle"),
+    "train.precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
+    "train.num_threads": (lambda v: _is_int(v) and v >= 0, "a non-negative integer (0: all cores)"),
     "train.momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "train.batch_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "train.epochs": (lambda v: _is_int(v) and v > 0, "a positive integer"),

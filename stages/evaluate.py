@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from mnist_pipeline.data import load_mnist, to_tensors
+from mnist_pipeline.data import load_mnist, scale_pixels, to_tensors
 from mnist_pipeline.metrics import evaluate, per_class_accuracy
 from mnist_pipeline.model import load_checkpoint
 from mnist_pipeline.stage import atomic_output, run_stage
@@ -23,7 +23,8 @@ def main() -> None:
     model = load_checkpoint(CHECKPOINT).model
     test_images, test_labels = load_mnist(DATA_DIR, "test")
     # On the CPU whatever the training device: the figures then match the exported model's.
-    result = evaluate(model, *to_tensors(test_images, test_labels, torch.device("cpu")))
+    images, labels = to_tensors(test_images, test_labels, torch.device("cpu"))
+    result = evaluate(model, scale_pixels(images), labels)
     print(f"test loss {result.loss:.4f}, accuracy {result.accuracy:.4f} ({len(test_labels)} images)")
     with atomic_output(METRICS, "w") as file:
         json.dump({"loss": result.loss, "accuracy": result.accuracy}, file, indent=2)

@@ -1,6 +1,7 @@
 """Stage train: fit the MLP on the training set -> models/checkpoint.pt, metrics/train_history.csv."""
 
 import dataclasses
+import time
 from pathlib import Path
 
 import torch
@@ -9,7 +10,7 @@ from mnist_pipeline.data import load_mnist, to_tensors
 from mnist_pipeline.model import MLP, save_checkpoint
 from mnist_pipeline.params import ModelParams, TrainParams, load_params
 from mnist_pipeline.stage import atomic_output, run_stage
-from mnist_pipeline.training import select_device, train
+from mnist_pipeline.training import configure_cpu, select_device, train
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ROOT / "params.yaml"
@@ -22,10 +23,16 @@ def main() -> None:
     model_params = load_params(PARAMS, "model", ModelParams)
     params = load_params(PARAMS, "train", TrainParams)
     device = select_device(params.device)
+    configure_cpu(params, device)
+    start = time.perf_counter()
     images, labels = to_tensors(*load_mnist(DATA_DIR, "train"), device)
+    print(f"loaded {len(images)} training images in {time.perf_counter() - start:.2f} s")
     torch.manual_seed(params.seed)  # initial weights, made on the CPU so every device starts alike
     model = MLP(model_params.hidden_sizes).to(device)
-    print(f"training on {device}: {len(images)} images, {params.epochs} epochs, batch {params.batch_size}")
+    print(
+        f"training on {device} ({params.precision}, {torch.get_num_threads()} threads): {len(images)} images, "
+        f"{params.epochs} epochs, batch {params.batch_size}, {params.optimizer} lr {params.lr} {params.schedule}"
+    )
     history = train(model, images, labels, params)
     save_checkpoint(model.cpu(), model_params.hidden_sizes, dataclasses.asdict(params), CHECKPOINT)
     with atomic_output(HISTORY, "w") as file:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import idx_bytes
 
-from mnist_pipeline.data import load_idx_images, load_idx_labels, load_mnist, read_idx, to_tensors
+from mnist_pipeline.data import load_idx_images, load_idx_labels, load_mnist, read_idx, scale_pixels, to_tensors
 from mnist_pipeline.stage import PipelineError
 
 
@@ -81,9 +81,11 @@ def test_a_missing_file_says_which_stage_makes_it(tmp_path):
         load_mnist(tmp_path, "test")
 
 
-def test_to_tensors_scales_pixels_to_unit_range():
+def test_to_tensors_keeps_pixels_compact_and_scale_pixels_maps_them_to_unit_range():
     images = np.array([[[0] * 28] * 27 + [[255] * 28]], np.uint8)
     x, y = to_tensors(images, np.array([7], np.uint8), torch.device("cpu"))
-    assert x.shape == (1, 784) and x.dtype == torch.float32
-    assert x.min().item() == 0.0 and x.max().item() == 1.0 and x.sum().item() == 28.0
+    assert x.shape == (1, 784) and x.dtype == torch.uint8
     assert y.dtype == torch.int64 and y.tolist() == [7]
+    pixels = scale_pixels(x)
+    assert pixels.dtype == torch.float32
+    assert pixels.min().item() == 0.0 and pixels.max().item() == 1.0 and pixels.sum().item() == 28.0

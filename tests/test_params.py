@@ -8,12 +8,17 @@ VALID = """
 model:
   hidden_sizes: [8, 4]
 train:
+  optimizer: sgd
   lr: 0.1
   momentum: 0
+  weight_decay: 0
+  schedule: constant
   batch_size: 16
   epochs: 2
   seed: 0
   device: cpu
+  precision: fp32
+  num_threads: 0
 """
 
 
@@ -26,7 +31,17 @@ def write(tmp_path, text):
 def test_the_project_defaults_are_the_tutorial_setup():
     assert load_params(PROJECT / "params.yaml", "model", ModelParams) == ModelParams([520, 320, 240, 120])
     assert load_params(PROJECT / "params.yaml", "train", TrainParams) == TrainParams(
-        lr=0.01, momentum=0.5, batch_size=64, epochs=9, seed=1, device="auto"
+        optimizer="sgd",
+        lr=0.01,
+        momentum=0.5,
+        weight_decay=0.0,
+        schedule="constant",
+        batch_size=64,
+        epochs=9,
+        seed=1,
+        device="auto",
+        precision="fp32",
+        num_threads=0,
     )
 
 
@@ -49,6 +64,11 @@ def test_valid_params_load_as_typed_settings(tmp_path):
         ("device: cpu", "device: gpu", "train.device must be one of auto, cpu, cuda, cuda:N, mps, got 'gpu'"),
         ("device: cpu", "device: 'cuda:x'", "train.device must be one of .*, got 'cuda:x'"),
         ("seed: 0", "sed: 0", "unknown parameter train.sed"),
+        ("optimizer: sgd", "optimizer: adam", "train.optimizer must be sgd or adamw, got 'adam'"),
+        ("schedule: constant", "schedule: cosine", "train.schedule must be constant or onecycle, got 'cosine'"),
+        ("precision: fp32", "precision: fp16", "train.precision must be fp32 or bf16, got 'fp16'"),
+        ("num_threads: 0", "num_threads: -1", r"train.num_threads must be a non-negative integer \(0: all cores\)"),
+        ("weight_decay: 0", "weight_decay: -0.1", "train.weight_decay must be a non-negative number, got -0.1"),
         ("  seed: 0\n", "", "missing parameter train.seed"),
     ],
 )

@@ -8,9 +8,22 @@ from mnist_pipeline.data import to_tensors
 from mnist_pipeline.model import MLP
 from mnist_pipeline.params import TrainParams
 from mnist_pipeline.stage import PipelineError
-from mnist_pipeline.training import select_device, train
+from mnist_pipeline.training import configure_cpu, select_device, train
 
-PARAMS = TrainParams(lr=0.05, momentum=0.5, batch_size=32, epochs=3, seed=1, device="cpu")
+PARAMS = TrainParams(
+    optimizer="sgd",
+    lr=0.05,
+    momentum=0.5,
+    weight_decay=0.0,
+    schedule="constant",
+    batch_size=32,
+    epochs=3,
+    seed=1,
+    device="cpu",
+    precision="fp32",
+    num_threads=0,
+)
+BF16_CPU = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def fit(params: TrainParams = PARAMS) -> tuple[MLP, object]:
@@ -49,3 +62,29 @@ def test_same_seed_same_weights_other_seed_other_weights():
     assert history.equals(again)
     other, _ = fit(dataclasses.replace(PARAMS, seed=2))
     assert not torch.equal(first.layers[0].weight, other.layers[0].weight)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"optimizer": "adamw", "lr": 0.003, "schedule": "onecycle", "weight_decay": 0.01},
+        pytest.param(
+            {"precision": "bf16"}, marks=pytest.mark.skipif(not BF16_CPU, reason="this CPU has no native bf16")
+        ),
+    ],
+)
+def test_other_recipes_learn_too(changes):
+    _, history = fit(dataclasses.replace(PARAMS, **changes))
+    assert history["accuracy"].iloc[-1] > 0.9
+
+
+def test_num_threads_is_applied_and_bf16_needs_cpu_support(monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        configure_cpu(dataclasses.replace(PARAMS, num_threads=1), torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.raises(PipelineError, match="train.precision is bf16 but this CPU has no native bf16 support"):
+        configure_cpu(dataclasses.replace(PARAMS, precision="bf16"), torch.device("cpu"))
