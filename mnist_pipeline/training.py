@@ -4,7 +4,6 @@ import math
 import os
 import time
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -44,7 +43,9 @@ def configure_cpu(params: TrainParams, device: torch.device) -> None:
         raise PipelineError("params.yaml: train.precision is bf16 but this CPU has no native bf16 support; use fp32")
 
 
-def make_optimizer(model: MLP, params: TrainParams, steps: int) -> tuple[torch.optim.Optimizer, object | None]:
+def make_optimizer(
+    model: MLP, params: TrainParams, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     """The optimizer and, for the one-cycle schedule, its per-step learning-rate scheduler."""
     # foreach: one multi-tensor update over all parameters instead of a loop of small ops.
     if params.optimizer == "sgd":
@@ -62,8 +63,11 @@ def make_optimizer(model: MLP, params: TrainParams, steps: int) -> tuple[torch.o
     return optimizer, None
 
 
-def train(model: MLP, images: torch.Tensor, labels: torch.Tensor, params: TrainParams) -> pd.DataFrame:
-    """Minimize cross-entropy on uint8 `images` [N, 784]; returns per-epoch mean loss and accuracy of the batches."""
+def train(model: MLP, images: torch.Tensor, labels: torch.Tensor, params: TrainParams) -> list[dict[str, float]]:
+    """Minimize cross-entropy on uint8 `images` [N, 784].
+
+    Returns one row per epoch: the mean loss and the accuracy on the batches it trained on.
+    """
     torch.use_deterministic_algorithms(True)
     device = images.device
     n = len(images)
@@ -105,4 +109,4 @@ def train(model: MLP, images: torch.Tensor, labels: torch.Tensor, params: TrainP
     seconds = time.perf_counter() - started
     print(f"trained {params.epochs} epochs in {seconds:.2f} s ({params.epochs * n / seconds:,.0f} img/s)")
     model.eval()
-    return pd.DataFrame(history)
+    return history

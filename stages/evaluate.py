@@ -3,13 +3,12 @@
 import json
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from mnist_pipeline.data import load_mnist, scale_pixels, to_tensors
 from mnist_pipeline.metrics import evaluate, per_class_accuracy
 from mnist_pipeline.model import load_checkpoint
-from mnist_pipeline.stage import atomic_output, run_stage
+from mnist_pipeline.stage import atomic_output, run_stage, write_table
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "data" / "mnist"
@@ -30,10 +29,8 @@ def main() -> None:
         json.dump({"loss": result.loss, "accuracy": result.accuracy}, file, indent=2)
         file.write("\n")
     per_class = per_class_accuracy(test_labels, result.predictions)
-    with atomic_output(PER_CLASS, "w") as file:
-        pd.DataFrame({"digit": range(len(per_class)), "accuracy": per_class}).to_csv(file, index=False)
-    with atomic_output(PREDICTIONS, "w") as file:
-        pd.DataFrame({"actual": test_labels, "predicted": result.predictions}).to_csv(file, index=False)
+    write_table({"digit": range(len(per_class)), "accuracy": per_class}, PER_CLASS)
+    write_table({"actual": test_labels, "predicted": result.predictions}, PREDICTIONS)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 from mnist_pipeline.data import load_mnist, to_tensors
 from mnist_pipeline.model import MLP, save_checkpoint
 from mnist_pipeline.params import ModelParams, TrainParams, load_params
-from mnist_pipeline.stage import atomic_output, run_stage
+from mnist_pipeline.stage import run_stage, write_table
 from mnist_pipeline.training import configure_cpu, select_device, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +35,7 @@ def main() -> None:
     )
     history = train(model, images, labels, params)
     save_checkpoint(model.cpu(), model_params.hidden_sizes, dataclasses.asdict(params), CHECKPOINT)
-    with atomic_output(HISTORY, "w") as file:
-        history.to_csv(file, index=False)
+    write_table(history, HISTORY)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 from conftest import PROJECT
 
 from mnist_pipeline.params import ModelParams, TrainParams, load_params
@@ -92,3 +93,17 @@ def test_missing_section_and_broken_yaml(tmp_path):
         load_params(write(tmp_path, "train: [unclosed\n"), "train", TrainParams)
     with pytest.raises(PipelineError, match="cannot read"):
         load_params(tmp_path / "absent.yaml", "train", TrainParams)
+
+
+@pytest.mark.parametrize("name", ["fast", "best"])
+def test_recipes_are_valid_overrides_of_params_yaml(tmp_path, name):
+    """Each line of recipes/<name>.txt is a `dvc exp run -S` override of an existing parameter."""
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    for line in (PROJECT / "recipes" / f"{name}.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            section, field = key.split(".")
+            assert field in params[section], key
+            params[section][field] = yaml.safe_load(value)
+    path = write(tmp_path, yaml.safe_dump(params))
+    assert load_params(path, "train", TrainParams).optimizer == "adamw"
