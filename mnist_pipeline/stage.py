@@ -1,5 +1,6 @@
 """What every stage script needs: one-line errors and outputs that appear whole or not at all."""
 
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -48,3 +49,10 @@ def write_table(data: dict[str, Any] | list[dict[str, Any]], path: Path) -> None
 
     with atomic_output(path, "w") as file:
         pd.DataFrame(data).to_csv(file, index=False)
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    """Indented JSON with a final newline, written atomically."""
+    with atomic_output(path, "w") as file:
+        json.dump(data, file, indent=2)
+        file.write("\n")

@@ -1,6 +1,5 @@
 """Stage evaluate: test-set loss and accuracy -> metrics/eval.json, plus per-class and confusion plots."""
 
-import json
 from pathlib import Path
 
 import torch
@@ -8,7 +7,7 @@ import torch
 from mnist_pipeline.data import load_mnist, scale_pixels, to_tensors
 from mnist_pipeline.metrics import evaluate, per_class_accuracy
 from mnist_pipeline.model import load_checkpoint
-from mnist_pipeline.stage import atomic_output, run_stage, write_table
+from mnist_pipeline.stage import run_stage, write_json, write_table
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "data" / "mnist"
@@ -25,9 +24,7 @@ def main() -> None:
     images, labels = to_tensors(test_images, test_labels, torch.device("cpu"))
     result = evaluate(model, scale_pixels(images), labels)
     print(f"test loss {result.loss:.4f}, accuracy {result.accuracy:.4f} ({len(test_labels)} images)")
-    with atomic_output(METRICS, "w") as file:
-        json.dump({"loss": result.loss, "accuracy": result.accuracy}, file, indent=2)
-        file.write("\n")
+    write_json({"loss": result.loss, "accuracy": result.accuracy}, METRICS)
     per_class = per_class_accuracy(test_labels, result.predictions)
     write_table({"digit": range(len(per_class)), "accuracy": per_class}, PER_CLASS)
     write_table({"actual": test_labels, "predicted": result.predictions}, PREDICTIONS)

@@ -16,7 +16,7 @@ import torch
 from mnist_pipeline.data import load_mnist, scale_pixels, to_tensors
 from mnist_pipeline.export import export_program, export_torchscript, model_card
 from mnist_pipeline.model import load_checkpoint
-from mnist_pipeline.stage import PipelineError, atomic_output, run_stage
+from mnist_pipeline.stage import PipelineError, run_stage, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "data" / "mnist"
@@ -39,9 +39,7 @@ def main() -> None:
     except (OSError, ValueError) as error:
         raise PipelineError(f"{METRICS}: cannot read the test metrics (run dvc repro evaluate): {error}") from None
     card = model_card(checkpoint, metrics, {"torchscript": TORCHSCRIPT, "torch_export": PROGRAM})
-    with atomic_output(CARD, "w") as file:
-        json.dump(card, file, indent=2)
-        file.write("\n")
+    write_json(card, CARD)
 
 
 if __name__ == "__main__":
