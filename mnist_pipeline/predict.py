@@ -30,10 +30,9 @@ def to_mnist(image: Image.Image) -> np.ndarray:
         pixels = 255 - pixels
         border = 255 - border
     pixels = np.clip(pixels - np.median(border), 0, None)  # the background becomes black
-    ink = pixels > INK_THRESHOLD * pixels.max() if pixels.max() > 0 else np.zeros_like(pixels, bool)
-    if not ink.any():
+    if pixels.max() == 0:
         raise ValueError("no digit found (the image is blank)")
-    rows, cols = np.nonzero(ink)
+    rows, cols = np.nonzero(pixels > INK_THRESHOLD * pixels.max())
     digit = pixels[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     digit = digit * (255 / digit.max())
     scale = DIGIT_BOX / max(digit.shape)
@@ -42,14 +41,12 @@ def to_mnist(image: Image.Image) -> np.ndarray:
         Image.fromarray(digit.astype(np.uint8)).resize((width, height), Image.Resampling.LANCZOS), np.float32
     )
     total = resized.sum()
-    if total == 0:
-        raise ValueError("no digit found (the image is blank)")
     centre_row = (resized.sum(axis=1) * np.arange(height)).sum() / total
     centre_col = (resized.sum(axis=0) * np.arange(width)).sum() / total
     top = int(np.clip(round(CANVAS / 2 - centre_row), 0, CANVAS - height))
     left = int(np.clip(round(CANVAS / 2 - centre_col), 0, CANVAS - width))
     canvas = np.zeros((CANVAS, CANVAS), np.uint8)
-    canvas[top : top + height, left : left + width] = np.clip(resized, 0, 255).astype(np.uint8)
+    canvas[top : top + height, left : left + width] = resized.astype(np.uint8)
     return canvas
 
 
