@@ -3,7 +3,6 @@
 import copy
 import hashlib
 import io
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mnist_pipeline.data import IMAGE_SIZE, NUM_CLASSES
-from mnist_pipeline.model import MNIST_MEAN, MNIST_STD, Checkpoint
+from mnist_pipeline.data import IMAGE_SIZE, NUM_CLASSES, scale_pixels
+from mnist_pipeline.model import MNIST_MEAN, MNIST_STD, Checkpoint, hidden_sizes
 from mnist_pipeline.stage import PipelineError, atomic_output
-from mnist_pipeline.torchscript import TORCHSCRIPT_DEPRECATED, load_torchscript
+from mnist_pipeline.torchscript import load_torchscript, torchscript_deprecation_silenced
 
 PARITY_TOLERANCE = 1e-5
 
@@ -48,7 +47,7 @@ class DigitClassifier(nn.Module):
         if images.dim() != 4 or list(images.shape[1:]) != [1, 28, 28]:
             raise ValueError("expected images of shape [N, 28, 28] or [N, 1, 28, 28], got " + str(list(images.shape)))
         if images.dtype == torch.uint8:
-            return images.float() / 255
+            return scale_pixels(images)
         if images.dtype != torch.float32:
             raise ValueError("expected float32 pixels in [0, 1] or uint8 pixels in 0..255, got another dtype")
         if images.numel() > 0 and (bool(images.min() < 0) or bool(images.max() > 1)):
@@ -71,8 +70,7 @@ def torchscript_bytes(model: nn.Module) -> bytes:
     PYTHONHASHSEED for that.
     """
     saved = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", TORCHSCRIPT_DEPRECATED, FutureWarning)
+    with torchscript_deprecation_silenced():
         torch.jit.save(torch.jit.script(DigitClassifier(inference_copy(model))), saved)
     reader = torch._C.PyTorchFileReader(io.BytesIO(saved.getvalue()))
     out = io.BytesIO()
@@ -153,7 +151,7 @@ def model_card(checkpoint: Checkpoint, metrics: dict[str, float], artifacts: dic
         "labels": [str(digit) for digit in range(NUM_CLASSES)],
         "architecture": {
             "type": "multilayer perceptron",
-            "layers": [IMAGE_SIZE * IMAGE_SIZE, *checkpoint.hidden_sizes, NUM_CLASSES],
+            "layers": [IMAGE_SIZE * IMAGE_SIZE, *hidden_sizes(checkpoint.model), NUM_CLASSES],
             "activation": "ReLU",
         },
         "training": {"dataset": "MNIST training set", **checkpoint.train_params},

@@ -44,13 +44,17 @@ class MLP(nn.Module):
 @dataclass(frozen=True)
 class Checkpoint:
     model: MLP
-    hidden_sizes: list[int]
     train_params: dict[str, Any]  # the train.* params the weights came from
 
 
-def save_checkpoint(model: MLP, hidden_sizes: list[int], train_params: dict[str, Any], path: Path) -> None:
+def hidden_sizes(model: MLP) -> list[int]:
+    """The widths of the hidden layers, read off the model."""
+    return [layer.out_features for layer in model.layers if isinstance(layer, nn.Linear)][:-1]
+
+
+def save_checkpoint(model: MLP, train_params: dict[str, Any], path: Path) -> None:
     """Weights plus the architecture (so `load_checkpoint` needs nothing else) and the training params."""
-    checkpoint = {"hidden_sizes": list(hidden_sizes), "train_params": train_params, "state_dict": model.state_dict()}
+    checkpoint = {"hidden_sizes": hidden_sizes(model), "train_params": train_params, "state_dict": model.state_dict()}
     with atomic_output(path) as file:
         torch.save(checkpoint, file)
 
@@ -61,7 +65,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         model = MLP(checkpoint["hidden_sizes"])
         model.load_state_dict(checkpoint["state_dict"])
-        return Checkpoint(model.eval(), checkpoint["hidden_sizes"], checkpoint["train_params"])
+        return Checkpoint(model.eval(), checkpoint["train_params"])
     except FileNotFoundError:
         raise PipelineError(f"{path}: file not found (run the train stage: dvc repro train)") from None
     except (RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as error:

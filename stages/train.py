@@ -34,7 +34,7 @@ def main() -> None:
         f"{params.epochs} epochs, batch {params.batch_size}, {params.optimizer} lr {params.lr} {params.schedule}"
     )
     history = train(model, images, labels, params)
-    save_checkpoint(model.cpu(), model_params.hidden_sizes, dataclasses.asdict(params), CHECKPOINT)
+    save_checkpoint(model.cpu(), dataclasses.asdict(params), CHECKPOINT)
     write_table(history, HISTORY)
 
 

@@ -109,10 +109,16 @@ def set_params(project: Path, **train: object) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run(project: Path, *command: str, mirror: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command (dvc, python, ...) in `project` with this environment's tools and the copy's own package."""
+def run(
+    project: Path, *command: str, mirror: str | None = None, check: bool = True, tools: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run a command (dvc, python, ...) in `project` with this environment's tools and the copy's own package.
+
+    `tools`: a directory put first on the PATH (e.g. with a stand-in command).
+    """
     env = {k: v for k, v in os.environ.items() if k not in ("MNIST_MIRROR", "PYTHONHASHSEED")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    first = [str(tools)] if tools else []
+    env["PATH"] = os.pathsep.join([*first, str(Path(sys.executable).parent), env["PATH"]])
     env["PYTHONPATH"] = str(project)  # the copy's mnist_pipeline, not the one installed from PROJECT
     if mirror is not None:
         env["MNIST_MIRROR"] = mirror

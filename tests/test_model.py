@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mnist_pipeline.model import MLP, MNIST_MEAN, MNIST_STD, load_checkpoint, save_checkpoint
+from mnist_pipeline.model import MLP, MNIST_MEAN, MNIST_STD, hidden_sizes, load_checkpoint, save_checkpoint
 from mnist_pipeline.stage import PipelineError
 
 
@@ -35,9 +35,9 @@ def test_inputs_are_normalized_with_the_mnist_statistics():
 def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
     torch.manual_seed(0)
     model = MLP([32, 16])
-    save_checkpoint(model, [32, 16], {"lr": 0.1, "epochs": 3}, tmp_path / "checkpoint.pt")
+    save_checkpoint(model, {"lr": 0.1, "epochs": 3}, tmp_path / "checkpoint.pt")
     checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert checkpoint.hidden_sizes == [32, 16]
+    assert hidden_sizes(checkpoint.model) == [32, 16]
     assert checkpoint.train_params == {"lr": 0.1, "epochs": 3}
     loaded = checkpoint.model
     assert not loaded.training

@@ -130,11 +130,8 @@ def uv_shim(tmp_path_factory):
 
 
 def run_shell(project: Path, script: str, shim: Path) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
-    env["PATH"] = os.pathsep.join([str(shim), str(Path(sys.executable).parent), env["PATH"]])
-    result = subprocess.run(["bash", "-e", "-c", script], cwd=project, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
-    return result.stdout
+    """Run README commands as written, in bash, with the `uv` shim; return what they printed."""
+    return run(project, "bash", "-e", "-c", script, tools=shim).stdout
 
 
 def test_readme_python_snippet_runs_with_torch_alone(project):
