@@ -21,6 +21,7 @@ class TrainParams:
     lr: float
     momentum: float
     weight_decay: float
+    label_smoothing: float
     schedule: str
     batch_size: int
     epochs: int
@@ -39,6 +40,7 @@ CHECKS = {
     "train.optimizer": (lambda v: v in ("sgd", "adamw"), "sgd or adamw"),
     "train.lr": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "train.weight_decay": (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
+    "train.label_smoothing": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "train.schedule": (lambda v: v in ("constant", "onecycle"), "constant or onecycle"),
     "train.precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
     "train.num_threads": (lambda v: _is_int(v) and v >= 0, "a non-negative integer (0: all cores)"),

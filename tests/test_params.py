@@ -13,6 +13,7 @@ train:
   lr: 0.1
   momentum: 0
   weight_decay: 0
+  label_smoothing: 0
   schedule: constant
   batch_size: 16
   epochs: 2
@@ -36,6 +37,7 @@ def test_the_project_defaults_are_the_tutorial_setup():
         lr=0.01,
         momentum=0.5,
         weight_decay=0.0,
+        label_smoothing=0.0,
         schedule="constant",
         batch_size=64,
         epochs=9,
@@ -70,6 +72,7 @@ def test_valid_params_load_as_typed_settings(tmp_path):
         ("precision: fp32", "precision: fp16", "train.precision must be fp32 or bf16, got 'fp16'"),
         ("num_threads: 0", "num_threads: -1", r"train.num_threads must be a non-negative integer \(0: all cores\)"),
         ("weight_decay: 0", "weight_decay: -0.1", "train.weight_decay must be a non-negative number, got -0.1"),
+        ("label_smoothing: 0", "label_smoothing: 1", r"train.label_smoothing must be a number in \[0, 1\), got 1"),
         ("  seed: 0\n", "", "missing parameter train.seed"),
     ],
 )

@@ -15,6 +15,7 @@ PARAMS = TrainParams(
     lr=0.05,
     momentum=0.5,
     weight_decay=0.0,
+    label_smoothing=0.0,
     schedule="constant",
     batch_size=32,
     epochs=3,
