@@ -1,9 +1,8 @@
 """SGD with momentum and AdamW, each a single fused kernel call per step, and the one-cycle schedule.
 
 These are the kernels torch.optim runs with fused=True, called without torch.optim's wrappers:
-their first step imports torch._dynamo, which costs about 150 MB of memory and 1.3 s on a
-2-core machine, more than the rest of the train stage's start-up and than the tutorial
-loop's memory headroom. tests/test_training.py checks the steps against torch.optim's.
+their first step imports torch._dynamo, which costs about 150 MB of memory and 1.3 s of
+start-up on a 2-core machine. tests/test_optim.py checks every step against torch.optim.
 """
 
 import math

@@ -48,8 +48,9 @@ def configure_cpu(params: TrainParams, device: torch.device) -> None:
     """Apply train.num_threads, keep freed memory for reuse, and check that train.precision suits the device."""
     if device.type == "cpu":
         keep_freed_memory()
-    if params.num_threads:
-        torch.set_num_threads(params.num_threads)
+    # Set even when it is the default: torch.set_num_threads also turns off MKL's dynamic thread
+    # count, which otherwise tears down and recreates OpenMP threads between MKL and other ops.
+    torch.set_num_threads(params.num_threads or torch.get_num_threads())
     if params.precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise PipelineError("params.yaml: train.precision is bf16 but this CPU has no native bf16 support; use fp32")
 

@@ -1,4 +1,7 @@
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +27,7 @@ PARAMS = TrainParams(
     precision="fp32",
     num_threads=0,
 )
+ROOT = Path(__file__).resolve().parent.parent
 BF16_CPU = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -89,3 +93,31 @@ def test_num_threads_is_applied_and_bf16_needs_cpu_support(monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     with pytest.raises(PipelineError, match="train.precision is bf16 but this CPU has no native bf16 support"):
         configure_cpu(dataclasses.replace(PARAMS, precision="bf16"), torch.device("cpu"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mallopt is glibc's")
+def test_training_steps_reuse_freed_memory_instead_of_page_faulting():
+    code = (
+        "import dataclasses, resource, sys, torch\n"
+        "from mnist_pipeline.model import MLP\n"
+        "from mnist_pipeline.params import TrainParams\n"
+        "from mnist_pipeline.training import keep_freed_memory, train\n"
+        "if sys.argv[1] == 'keep':\n"
+        "    keep_freed_memory()\n"
+        f"params = dataclasses.replace({PARAMS!r}, batch_size=384, epochs=1)\n"
+        "images = torch.randint(0, 256, (384 * 100, 784), dtype=torch.uint8)\n"
+        "labels = torch.randint(0, 10, (384 * 100,))\n"
+        "train(MLP([520, 320, 240, 120]), images[:384], labels[:384], params)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "train(MLP([520, 320, 240, 120]), images, labels, params)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+
+    def page_faults_per_step(mode: str) -> float:
+        result = subprocess.run(
+            [sys.executable, "-c", code, mode], capture_output=True, text=True, check=True, cwd=ROOT
+        )
+        return int(result.stdout.split()[-1]) / 100
+
+    # glibc's default: about 230 a step here; kept: about 20, mostly the new model's first touch.
+    assert page_faults_per_step("keep") < page_faults_per_step("default") / 5
