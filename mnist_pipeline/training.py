@@ -90,7 +90,7 @@ def train(model: MLP, images: torch.Tensor, labels: torch.Tensor, params: TrainP
             correct = torch.zeros((), dtype=torch.int64, device=device)
             for step, first in enumerate(range(0, n, params.batch_size), start=1):
                 batch = order[first : first + params.batch_size]
-                # index_select copies whole rows; images[batch] goes element by element, 25x slower.
+                # index_select copies whole rows; images[batch] goes element by element, 7-25x slower.
                 x, y = scale_pixels(images.index_select(0, batch)), labels.index_select(0, batch)
                 with autocast:
                     logits = model(x)
