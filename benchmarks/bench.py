@@ -92,19 +92,19 @@ def run_pipeline(overrides: dict, env: dict) -> dict:
         params["train"].update(overrides)
         (work / "params.yaml").write_text(yaml.safe_dump(params))
         env = {**env, "PYTHONPATH": str(ROOT)}
-        train_wall, train_rss, lines, importtime = run_measured(
+        train_wall, train_rss, train_lines, importtime = run_measured(
             [sys.executable, "-X", "importtime", "stages/train.py"], work, env
         )
-        eval_wall, eval_rss, result, _ = run_measured([sys.executable, "stages/evaluate.py"], work, env)
-    out, result = "".join(line for _, line in lines), "".join(line for _, line in result)
+        eval_wall, eval_rss, eval_lines, _ = run_measured([sys.executable, "stages/evaluate.py"], work, env)
+    train_out, eval_out = ("".join(line for _, line in lines) for lines in (train_lines, eval_lines))
     # The stage prints "training on ..." right before its first step.
-    first_step = next(seconds for seconds, line in lines if line.startswith("training on"))
+    first_step = next(seconds for seconds, line in train_lines if line.startswith("training on"))
     return {
         "wall": train_wall + eval_wall,
-        "train": float(re.search(r"trained \d+ epochs in ([\d.]+) s", out).group(1)),
+        "train": float(re.search(r"trained \d+ epochs in ([\d.]+) s", train_out).group(1)),
         "startup": first_step - torch_import_seconds(importtime),
         "rss": max(train_rss, eval_rss),
-        "accuracy": float(re.search(r"accuracy ([\d.]+)", result).group(1)),
+        "accuracy": float(re.search(r"accuracy ([\d.]+)", eval_out).group(1)),
         "images": params["train"]["epochs"] * TRAIN_IMAGES,
     }
 

@@ -36,23 +36,26 @@ def select_device(name: str) -> torch.device:
             raise PipelineError(
                 f"params.yaml: train.device is '{name}' but only {torch.cuda.device_count()} CUDA device(s) exist"
             )
-        # cuBLAS needs a fixed workspace to be deterministic; it must be set before its first use.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # Only on CUDA, where kernels differ in determinism: the CPU kernels this model uses are
-        # deterministic already, and the switch imports torch._inductor (150 MB, 1.3 s).
-        torch.use_deterministic_algorithms(True)
     return torch.device(name)
 
 
-def configure_cpu(params: TrainParams, device: torch.device) -> None:
-    """Apply train.num_threads, keep freed memory for reuse, and check that train.precision suits the device."""
-    if device.type == "cpu":
-        keep_freed_memory()
+def configure_device(params: TrainParams, device: torch.device) -> None:
+    """Set the process up for training on `device`: threads, memory reuse, determinism, bf16 support."""
     # Set even when it is the default: torch.set_num_threads also turns off MKL's dynamic thread
     # count, which otherwise tears down and recreates OpenMP threads between MKL and other ops.
     torch.set_num_threads(params.num_threads or torch.get_num_threads())
-    if params.precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        raise PipelineError("params.yaml: train.precision is bf16 but this CPU has no native bf16 support; use fp32")
+    if device.type == "cpu":
+        keep_freed_memory()
+        if params.precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            raise PipelineError(
+                "params.yaml: train.precision is bf16 but this CPU has no native bf16 support; use fp32"
+            )
+    elif device.type == "cuda":
+        # Determinism is switched on only here, where kernels differ in it: the CPU kernels this
+        # model uses are deterministic already, and the switch imports torch._inductor (150 MB,
+        # 1.3 s). cuBLAS also needs a fixed workspace, set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
 
 
 def keep_freed_memory() -> None:
@@ -90,7 +93,7 @@ def train(model: MLP, images: torch.Tensor, labels: torch.Tensor, params: TrainP
             correct = torch.zeros((), dtype=torch.int64, device=device)
             for step, first in enumerate(range(0, n, params.batch_size), start=1):
                 batch = order[first : first + params.batch_size]
-                # index_select copies whole rows; images[batch] goes element by element, 7-25x slower.
+                # index_select copies whole rows; images[batch] goes element by element, 7-26x slower.
                 x, y = scale_pixels(images.index_select(0, batch)), labels.index_select(0, batch)
                 with autocast:
                     logits = model(x)

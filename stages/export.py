@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mnist_pipeline.data import load_mnist, scale_pixels, to_tensors
+from mnist_pipeline.data import IMAGE_SIZE, load_mnist, scale_pixels, to_tensors
 from mnist_pipeline.export import export_program, export_torchscript, model_card
 from mnist_pipeline.model import load_checkpoint
 from mnist_pipeline.stage import PipelineError, run_stage, write_json
@@ -30,7 +30,7 @@ CARD = ROOT / "models" / "model.json"
 def main() -> None:
     checkpoint = load_checkpoint(CHECKPOINT)
     images, _ = to_tensors(*load_mnist(DATA_DIR, "test"), torch.device("cpu"))
-    images = scale_pixels(images).view(-1, 1, 28, 28)
+    images = scale_pixels(images).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
     for path, export in ((TORCHSCRIPT, export_torchscript), (PROGRAM, export_program)):
         difference = export(checkpoint.model, path, images)
         print(f"{path.name}: matches the trained model on {len(images)} test images (max abs diff {difference:.1e})")

@@ -10,7 +10,7 @@ from mnist_pipeline.data import load_mnist, to_tensors
 from mnist_pipeline.model import MLP, save_checkpoint
 from mnist_pipeline.params import ModelParams, TrainParams, load_params
 from mnist_pipeline.stage import run_stage, write_table
-from mnist_pipeline.training import configure_cpu, select_device, train
+from mnist_pipeline.training import configure_device, select_device, train
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ROOT / "params.yaml"
@@ -23,7 +23,7 @@ def main() -> None:
     model_params = load_params(PARAMS, "model", ModelParams)
     params = load_params(PARAMS, "train", TrainParams)
     device = select_device(params.device)
-    configure_cpu(params, device)
+    configure_device(params, device)
     start = time.perf_counter()
     images, labels = to_tensors(*load_mnist(DATA_DIR, "train"), device)
     print(f"loaded {len(images)} training images in {time.perf_counter() - start:.2f} s")

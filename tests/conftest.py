@@ -16,7 +16,24 @@ import numpy as np
 import pytest
 import yaml
 
+from mnist_pipeline.params import TrainParams
+
 PROJECT = Path(__file__).resolve().parent.parent
+# Small settings for the unit tests of training and the optimizer; each test changes what it needs.
+TRAIN_PARAMS = TrainParams(
+    optimizer="sgd",
+    lr=0.05,
+    momentum=0.5,
+    weight_decay=0.0,
+    label_smoothing=0.0,
+    schedule="constant",
+    batch_size=32,
+    epochs=3,
+    seed=1,
+    device="cpu",
+    precision="fp32",
+    num_threads=0,
+)
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),

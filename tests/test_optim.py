@@ -1,30 +1,15 @@
 import dataclasses
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import PROJECT, TRAIN_PARAMS
 
 from mnist_pipeline.optim import Optimizer
 from mnist_pipeline.params import TrainParams
 
-PARAMS = TrainParams(
-    optimizer="sgd",
-    lr=0.05,
-    momentum=0.5,
-    weight_decay=0.0,
-    label_smoothing=0.0,
-    schedule="constant",
-    batch_size=8,
-    epochs=1,
-    seed=1,
-    device="cpu",
-    precision="fp32",
-    num_threads=0,
-)
 STEPS = 20
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def reference(params: TrainParams, parameters: list[torch.Tensor]) -> tuple[torch.optim.Optimizer, object]:
@@ -54,7 +39,7 @@ def reference(params: TrainParams, parameters: list[torch.Tensor]) -> tuple[torc
     ],
 )
 def test_each_step_matches_torch_optim(changes):
-    params = dataclasses.replace(PARAMS, **changes)
+    params = dataclasses.replace(TRAIN_PARAMS, **changes)
     generator = torch.Generator().manual_seed(0)
     ours = [torch.randn(5, 3, generator=generator), torch.randn(3, generator=generator)]
     theirs = [p.clone().requires_grad_() for p in ours]
@@ -77,18 +62,18 @@ def test_each_step_matches_torch_optim(changes):
 
 def test_training_leaves_torch_dynamo_unimported():
     # torch.optim's step and torch.use_deterministic_algorithms import torch._dynamo or
-    # torch._inductor: 150 MB and 1.3 s that a CPU run must not pay.
+    # torch._inductor: 150 MB and 1.3 s that a CPU run must not pay. Set up as the train stage does.
     code = (
         "import dataclasses, sys, torch\n"
         "from mnist_pipeline.model import MLP\n"
         "from mnist_pipeline.params import TrainParams\n"
-        "from mnist_pipeline.training import select_device, train\n"
-        f"PARAMS = {PARAMS!r}\n"
-        "select_device('cpu')\n"
+        "from mnist_pipeline.training import configure_device, select_device, train\n"
+        f"TRAIN_PARAMS = {TRAIN_PARAMS!r}\n"
+        "configure_device(TRAIN_PARAMS, select_device('cpu'))\n"
         "images, labels = torch.randint(0, 256, (64, 784), dtype=torch.uint8), torch.randint(0, 10, (64,))\n"
         "for kind in ('sgd', 'adamw'):\n"
-        "    train(MLP([16]), images, labels, dataclasses.replace(PARAMS, optimizer=kind, schedule='onecycle'))\n"
+        "    train(MLP([16]), images, labels, dataclasses.replace(TRAIN_PARAMS, optimizer=kind, schedule='onecycle'))\n"
         "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor'))))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PROJECT)
     assert result.stdout.splitlines()[-1] == "[]"

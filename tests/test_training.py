@@ -1,37 +1,21 @@
 import dataclasses
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import synthetic_split
+from conftest import PROJECT, TRAIN_PARAMS, synthetic_split
 
 from mnist_pipeline.data import to_tensors
 from mnist_pipeline.model import MLP
 from mnist_pipeline.params import TrainParams
 from mnist_pipeline.stage import PipelineError
-from mnist_pipeline.training import configure_cpu, select_device, train
+from mnist_pipeline.training import configure_device, select_device, train
 
-PARAMS = TrainParams(
-    optimizer="sgd",
-    lr=0.05,
-    momentum=0.5,
-    weight_decay=0.0,
-    label_smoothing=0.0,
-    schedule="constant",
-    batch_size=32,
-    epochs=3,
-    seed=1,
-    device="cpu",
-    precision="fp32",
-    num_threads=0,
-)
-ROOT = Path(__file__).resolve().parent.parent
 BF16_CPU = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def fit(params: TrainParams = PARAMS) -> tuple[MLP, object]:
+def fit(params: TrainParams = TRAIN_PARAMS) -> tuple[MLP, object]:
     images, labels = to_tensors(*synthetic_split(320, seed=0), torch.device("cpu"))
     torch.manual_seed(params.seed)
     model = MLP([64, 32])
@@ -65,7 +49,7 @@ def test_same_seed_same_weights_other_seed_other_weights():
     for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert history == again
-    other, _ = fit(dataclasses.replace(PARAMS, seed=2))
+    other, _ = fit(dataclasses.replace(TRAIN_PARAMS, seed=2))
     assert not torch.equal(first.layers[0].weight, other.layers[0].weight)
 
 
@@ -79,20 +63,20 @@ def test_same_seed_same_weights_other_seed_other_weights():
     ],
 )
 def test_other_recipes_learn_too(changes):
-    _, history = fit(dataclasses.replace(PARAMS, **changes))
+    _, history = fit(dataclasses.replace(TRAIN_PARAMS, **changes))
     assert history[-1]["accuracy"] > 0.9
 
 
 def test_num_threads_is_applied_and_bf16_needs_cpu_support(monkeypatch):
     threads = torch.get_num_threads()
     try:
-        configure_cpu(dataclasses.replace(PARAMS, num_threads=1), torch.device("cpu"))
+        configure_device(dataclasses.replace(TRAIN_PARAMS, num_threads=1), torch.device("cpu"))
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     with pytest.raises(PipelineError, match="train.precision is bf16 but this CPU has no native bf16 support"):
-        configure_cpu(dataclasses.replace(PARAMS, precision="bf16"), torch.device("cpu"))
+        configure_device(dataclasses.replace(TRAIN_PARAMS, precision="bf16"), torch.device("cpu"))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="mallopt is glibc's")
@@ -104,7 +88,7 @@ def test_training_steps_reuse_freed_memory_instead_of_page_faulting():
         "from mnist_pipeline.training import keep_freed_memory, train\n"
         "if sys.argv[1] == 'keep':\n"
         "    keep_freed_memory()\n"
-        f"params = dataclasses.replace({PARAMS!r}, batch_size=384, epochs=1)\n"
+        f"params = dataclasses.replace({TRAIN_PARAMS!r}, batch_size=384, epochs=1)\n"
         "images = torch.randint(0, 256, (384 * 100, 784), dtype=torch.uint8)\n"
         "labels = torch.randint(0, 10, (384 * 100,))\n"
         "train(MLP([520, 320, 240, 120]), images[:384], labels[:384], params)\n"
@@ -115,7 +99,7 @@ def test_training_steps_reuse_freed_memory_instead_of_page_faulting():
 
     def page_faults_per_step(mode: str) -> float:
         result = subprocess.run(
-            [sys.executable, "-c", code, mode], capture_output=True, text=True, check=True, cwd=ROOT
+            [sys.executable, "-c", code, mode], capture_output=True, text=True, check=True, cwd=PROJECT
         )
         return int(result.stdout.split()[-1]) / 100
 
