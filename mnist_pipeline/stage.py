@@ -1,9 +1,13 @@
-"""What every stage script needs: one-line errors and outputs that appear whole or not at all."""
+"""What every stage script needs: its paths from dvc.yaml, one-line errors, and outputs that
+appear whole or not at all."""
 
+import argparse
+import csv
+import inspect
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -13,10 +17,18 @@ class PipelineError(Exception):
     """A mistake the user can fix (bad params, bad data, missing device); printed as one line."""
 
 
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(), turning a PipelineError into a one-line message and exit code 1."""
+def run_stage(main: Callable[..., None]) -> None:
+    """Run a stage's main() with the paths its command line names, one option per parameter.
+
+    dvc.yaml is the one place that names each stage's files: a parameter `per_class` of main()
+    is the required option `--per-class PATH`. A PipelineError becomes one line and exit code 1.
+    """
+    parser = argparse.ArgumentParser(description=sys.modules[main.__module__].__doc__)
+    for name in inspect.signature(main).parameters:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, metavar="PATH")
+    paths = vars(parser.parse_args())
     try:
-        main()
+        main(**paths)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
@@ -39,16 +51,12 @@ def atomic_output(path: Path, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
-def write_table(data: dict[str, Any] | list[dict[str, Any]], path: Path) -> None:
-    """A CSV table (for DVC plots) from columns or rows, written atomically with pandas.
-
-    pandas is imported here, once the work is done, because importing it takes about a
-    second and 44 MB of memory that the stages do not need before.
-    """
-    import pandas as pd
-
+def write_table(columns: dict[str, Sequence[Any]], path: Path) -> None:
+    """A CSV table (for DVC plots) from equally long columns, written atomically."""
     with atomic_output(path, "w") as file:
-        pd.DataFrame(data).to_csv(file, index=False)
+        writer = csv.writer(file, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(zip(*columns.values(), strict=True))
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:

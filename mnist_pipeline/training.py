@@ -58,6 +58,11 @@ def configure_device(params: TrainParams, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+def cores_needed(device: torch.device) -> int:
+    """The CPU cores a training on `device` keeps busy: one per thread on the CPU, one to drive a GPU."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
 def keep_freed_memory() -> None:
     """Keep the memory of each step's tensors in the process for the next step (glibc only).
 
@@ -71,17 +76,18 @@ def keep_freed_memory() -> None:
         mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
-def train(model: MLP, images: torch.Tensor, labels: torch.Tensor, params: TrainParams) -> list[dict[str, float]]:
+def train(model: MLP, images: torch.Tensor, labels: torch.Tensor, params: TrainParams) -> dict[str, list[float]]:
     """Minimize cross-entropy on uint8 `images` [N, 784].
 
-    Returns one row per epoch: the mean loss and the accuracy on the batches it trained on.
+    Returns columns with a value per epoch: the epoch, and the mean loss and the accuracy on
+    the batches it trained on.
     """
     device = images.device
     n = len(images)
     optimizer = Optimizer(list(model.parameters()), params, params.epochs * math.ceil(n / params.batch_size))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=params.precision == "bf16")
     shuffle = torch.Generator().manual_seed(params.seed)
-    history = []
+    history: dict[str, list[float]] = {"epoch": [], "loss": [], "accuracy": []}
     model.train()
     started = time.perf_counter()
     with tqdm(total=params.epochs * n, unit="img", unit_scale=True, desc="train") as progress:
@@ -107,10 +113,12 @@ def train(model: MLP, images: torch.Tensor, labels: torch.Tensor, params: TrainP
                 progress.update(len(y))
                 if step % PROGRESS_EVERY == 0:
                     progress.set_postfix(epoch=f"{epoch}/{params.epochs}", loss=f"{loss.item():.4f}")
-            history.append({"epoch": epoch, "loss": loss_sum.item() / n, "accuracy": correct.item() / n})
+            row = {"epoch": epoch, "loss": loss_sum.item() / n, "accuracy": correct.item() / n}
+            for column, value in row.items():
+                history[column].append(value)
             progress.write(
-                f"epoch {epoch}/{params.epochs}: loss {history[-1]['loss']:.4f}, "
-                f"accuracy {history[-1]['accuracy']:.4f}, {time.perf_counter() - start:.1f} s"
+                f"epoch {epoch}/{params.epochs}: loss {row['loss']:.4f}, "
+                f"accuracy {row['accuracy']:.4f}, {time.perf_counter() - start:.1f} s"
             )
     seconds = time.perf_counter() - started
     print(f"trained {params.epochs} epochs in {seconds:.2f} s ({params.epochs * n / seconds:,.0f} img/s)")

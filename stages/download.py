@@ -1,4 +1,4 @@
-"""Stage download: the four MNIST IDX files into data/mnist/, verified against data/mnist.md5."""
+"""Stage download: the four MNIST IDX files, each verified against the checksum table."""
 
 import os
 from pathlib import Path
@@ -6,14 +6,12 @@ from pathlib import Path
 from mnist_pipeline.download import download_mnist, mirror_list, read_checksums
 from mnist_pipeline.stage import run_stage
 
-ROOT = Path(__file__).resolve().parent.parent
-CHECKSUMS = ROOT / "data" / "mnist.md5"
-DATA_DIR = ROOT / "data" / "mnist"
 
-
-def main() -> None:
-    mirrors = mirror_list(os.environ.get("MNIST_MIRROR"), ROOT)
-    download_mnist(DATA_DIR, read_checksums(CHECKSUMS), mirrors)
+def main(checksums: Path, out: Path) -> None:
+    # A relative MNIST_MIRROR is relative to the project root. DVC_ROOT names it, also in the
+    # temporary copies where queued and --temp experiments run (DVC sets it to the main one).
+    mirrors = mirror_list(os.environ.get("MNIST_MIRROR"), Path(os.environ.get("DVC_ROOT", ".")))
+    download_mnist(out, read_checksums(checksums), mirrors)
 
 
 if __name__ == "__main__":

@@ -1,33 +1,28 @@
-"""Stage evaluate: test-set loss and accuracy -> metrics/eval.json, plus per-class and confusion plots."""
+"""Stage evaluate: test-set loss and accuracy, plus the tables behind the per-digit and confusion plots."""
 
 from pathlib import Path
 
 import torch
 
+from mnist_pipeline.cores import reserved_cores
 from mnist_pipeline.data import load_mnist, scale_pixels, to_tensors
 from mnist_pipeline.metrics import evaluate, per_class_accuracy
 from mnist_pipeline.model import load_checkpoint
 from mnist_pipeline.stage import run_stage, write_json, write_table
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = ROOT / "data" / "mnist"
-CHECKPOINT = ROOT / "models" / "checkpoint.pt"
-METRICS = ROOT / "metrics" / "eval.json"
-PER_CLASS = ROOT / "metrics" / "per_class.csv"
-PREDICTIONS = ROOT / "metrics" / "predictions.csv"
 
-
-def main() -> None:
-    model = load_checkpoint(CHECKPOINT).model
-    test_images, test_labels = load_mnist(DATA_DIR, "test")
+def main(data: Path, checkpoint: Path, metrics: Path, per_class: Path, predictions: Path) -> None:
+    model = load_checkpoint(checkpoint).model
+    test_images, test_labels = load_mnist(data, "test")
     # On the CPU whatever the training device: the figures then match the exported model's.
     images, labels = to_tensors(test_images, test_labels, torch.device("cpu"))
-    result = evaluate(model, scale_pixels(images), labels)
+    with reserved_cores(torch.get_num_threads()):
+        result = evaluate(model, scale_pixels(images), labels)
     print(f"test loss {result.loss:.4f}, accuracy {result.accuracy:.4f} ({len(test_labels)} images)")
-    write_json({"loss": result.loss, "accuracy": result.accuracy}, METRICS)
-    per_class = per_class_accuracy(test_labels, result.predictions)
-    write_table({"digit": range(len(per_class)), "accuracy": per_class}, PER_CLASS)
-    write_table({"actual": test_labels, "predicted": result.predictions}, PREDICTIONS)
+    write_json({"loss": result.loss, "accuracy": result.accuracy}, metrics)
+    accuracies = per_class_accuracy(test_labels, result.predictions)
+    write_table({"digit": range(len(accuracies)), "accuracy": accuracies.tolist()}, per_class)
+    write_table({"actual": test_labels.tolist(), "predicted": result.predictions.tolist()}, predictions)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Stage export: models/model.pt (TorchScript), models/model.pt2 (torch.export), models/model.json (card)."""
+"""Stage export: the TorchScript model (primary), its torch.export twin, and the model card."""
 
 import os
 import sys
@@ -13,33 +13,27 @@ from pathlib import Path
 
 import torch
 
+from mnist_pipeline.cores import reserved_cores
 from mnist_pipeline.data import IMAGE_SIZE, load_mnist, scale_pixels, to_tensors
 from mnist_pipeline.export import export_program, export_torchscript, model_card
 from mnist_pipeline.model import load_checkpoint
 from mnist_pipeline.stage import PipelineError, run_stage, write_json
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = ROOT / "data" / "mnist"
-CHECKPOINT = ROOT / "models" / "checkpoint.pt"
-METRICS = ROOT / "metrics" / "eval.json"
-TORCHSCRIPT = ROOT / "models" / "model.pt"
-PROGRAM = ROOT / "models" / "model.pt2"
-CARD = ROOT / "models" / "model.json"
 
-
-def main() -> None:
-    checkpoint = load_checkpoint(CHECKPOINT)
-    images, _ = to_tensors(*load_mnist(DATA_DIR, "test"), torch.device("cpu"))
+def main(data: Path, checkpoint: Path, metrics: Path, torchscript: Path, program: Path, card: Path) -> None:
+    trained = load_checkpoint(checkpoint)
+    images, _ = to_tensors(*load_mnist(data, "test"), torch.device("cpu"))
     images = scale_pixels(images).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
-    for path, export in ((TORCHSCRIPT, export_torchscript), (PROGRAM, export_program)):
-        difference = export(checkpoint.model, path, images)
-        print(f"{path.name}: matches the trained model on {len(images)} test images (max abs diff {difference:.1e})")
+    with reserved_cores(torch.get_num_threads()):
+        for path, export in ((torchscript, export_torchscript), (program, export_program)):
+            difference = export(trained.model, path, images)
+            checked = f"{len(images)} test images (max abs diff {difference:.1e})"
+            print(f"{path.name}: matches the trained model on {checked}")
     try:
-        metrics = json.loads(METRICS.read_text())
+        test_metrics = json.loads(metrics.read_text())
     except (OSError, ValueError) as error:
-        raise PipelineError(f"{METRICS}: cannot read the test metrics (run dvc repro evaluate): {error}") from None
-    card = model_card(checkpoint, metrics, {"torchscript": TORCHSCRIPT, "torch_export": PROGRAM})
-    write_json(card, CARD)
+        raise PipelineError(f"{metrics}: cannot read the test metrics (run dvc repro evaluate): {error}") from None
+    write_json(model_card(trained, test_metrics, {"torchscript": torchscript, "torch_export": program}), card)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Stage train: fit the MLP on the training set -> models/checkpoint.pt, metrics/train_history.csv."""
+"""Stage train: fit the MLP on the training set; write the checkpoint and the per-epoch history."""
 
 import dataclasses
 import time
@@ -6,36 +6,33 @@ from pathlib import Path
 
 import torch
 
+from mnist_pipeline.cores import reserved_cores
 from mnist_pipeline.data import load_mnist, to_tensors
 from mnist_pipeline.model import MLP, save_checkpoint
 from mnist_pipeline.params import ModelParams, TrainParams, load_params
 from mnist_pipeline.stage import run_stage, write_table
-from mnist_pipeline.training import configure_device, select_device, train
-
-ROOT = Path(__file__).resolve().parent.parent
-PARAMS = ROOT / "params.yaml"
-DATA_DIR = ROOT / "data" / "mnist"
-CHECKPOINT = ROOT / "models" / "checkpoint.pt"
-HISTORY = ROOT / "metrics" / "train_history.csv"
+from mnist_pipeline.training import configure_device, cores_needed, select_device, train
 
 
-def main() -> None:
-    model_params = load_params(PARAMS, "model", ModelParams)
-    params = load_params(PARAMS, "train", TrainParams)
-    device = select_device(params.device)
-    configure_device(params, device)
+def main(params: Path, data: Path, checkpoint: Path, history: Path) -> None:
+    model_params = load_params(params, "model", ModelParams)
+    train_params = load_params(params, "train", TrainParams)
+    device = select_device(train_params.device)
+    configure_device(train_params, device)
     start = time.perf_counter()
-    images, labels = to_tensors(*load_mnist(DATA_DIR, "train"), device)
+    images, labels = to_tensors(*load_mnist(data, "train"), device)
     print(f"loaded {len(images)} training images in {time.perf_counter() - start:.2f} s")
-    torch.manual_seed(params.seed)  # initial weights, made on the CPU so every device starts alike
+    torch.manual_seed(train_params.seed)  # initial weights, made on the CPU so every device starts alike
     model = MLP(model_params.hidden_sizes).to(device)
-    print(
-        f"training on {device} ({params.precision}, {torch.get_num_threads()} threads): {len(images)} images, "
-        f"{params.epochs} epochs, batch {params.batch_size}, {params.optimizer} lr {params.lr} {params.schedule}"
-    )
-    history = train(model, images, labels, params)
-    save_checkpoint(model.cpu(), dataclasses.asdict(params), CHECKPOINT)
-    write_table(history, HISTORY)
+    with reserved_cores(cores_needed(device)):  # other trainings on this machine wait for them: see cores.py
+        print(
+            f"training on {device} ({train_params.precision}, {torch.get_num_threads()} threads): "
+            f"{len(images)} images, {train_params.epochs} epochs, batch {train_params.batch_size}, "
+            f"{train_params.optimizer} lr {train_params.lr} {train_params.schedule}"
+        )
+        epochs = train(model, images, labels, train_params)
+    save_checkpoint(model.cpu(), dataclasses.asdict(train_params), checkpoint)
+    write_table(epochs, history)
 
 
 if __name__ == "__main__":

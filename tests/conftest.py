@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -129,17 +130,24 @@ def set_params(project: Path, **train: object) -> None:
 def run(
     project: Path, *command: str, mirror: str | None = None, check: bool = True, tools: Path | None = None
 ) -> subprocess.CompletedProcess:
-    """Run a command (dvc, python, ...) in `project` with this environment's tools and the copy's own package.
+    """Run a command (dvc, python, ...) in `project` as a user would, with this environment activated.
 
-    `tools`: a directory put first on the PATH (e.g. with a stand-in command).
+    Activated as `source .venv/bin/activate` does it, nothing more: the copy's own code must be
+    what its stages import. `tools`: a directory put first on the PATH (e.g. with a stand-in command).
     """
     env = {k: v for k, v in os.environ.items() if k not in ("MNIST_MIRROR", "PYTHONHASHSEED")}
     first = [str(tools)] if tools else []
-    env["PATH"] = os.pathsep.join([*first, str(Path(sys.executable).parent), env["PATH"]])
-    env["PYTHONPATH"] = str(project)  # the copy's mnist_pipeline, not the one installed from PROJECT
+    venv = Path(sys.executable).parent
+    env["PATH"] = os.pathsep.join([*first, str(venv), env["PATH"]])
+    env["VIRTUAL_ENV"] = str(venv.parent)
     if mirror is not None:
         env["MNIST_MIRROR"] = mirror
     result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def stage_command(project: Path, stage: str) -> list[str]:
+    """The command dvc.yaml gives `stage`, as arguments."""
+    return shlex.split(yaml.safe_load((project / "dvc.yaml").read_text())["stages"][stage]["cmd"])

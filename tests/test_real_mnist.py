@@ -76,7 +76,7 @@ def test_exported_model_works_with_torch_alone(project):
     result = subprocess.run(
         [
             sys.executable,
-            "-I",  # isolated: no PYTHONPATH, no current directory on the path
+            "-I",  # isolated: no PYTHON* variables, no current directory or user site on the path
             "-W",
             "ignore::FutureWarning",
             "-c",
