@@ -18,7 +18,7 @@ class PipelineError(Exception):
 
 
 def run_stage(main: Callable[..., None]) -> None:
-    """Run a stage's main() with the paths its command line names, one option per parameter.
+    """Run a stage's main() with the paths its command line names, one option per parameter, then exit.
 
     dvc.yaml is the one place that names each stage's files: a parameter `per_class` of main()
     is the required option `--per-class PATH`. A PipelineError becomes one line and exit code 1.
@@ -27,14 +27,20 @@ def run_stage(main: Callable[..., None]) -> None:
     for name in inspect.signature(main).parameters:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, metavar="PATH")
     paths = vars(parser.parse_args())
+    status = 0
     try:
         main(**paths)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        status = 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        status = 130
+    # Every output is written and closed by now. Skip the interpreter's teardown, which frees each
+    # module and runs the CUDA libraries' destructors: 0.45 s with torch loaded, paid by every stage.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 @contextmanager

@@ -25,8 +25,10 @@ def main(data: Path, checkpoint: Path, metrics: Path, torchscript: Path, program
     images, _ = to_tensors(*load_mnist(data, "test"), torch.device("cpu"))
     images = scale_pixels(images).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
     with reserved_cores(torch.get_num_threads()):
+        with torch.no_grad():
+            expected = trained.model(images)
         for path, export in ((torchscript, export_torchscript), (program, export_program)):
-            difference = export(trained.model, path, images)
+            difference = export(trained.model, path, images, expected)
             checked = f"{len(images)} test images (max abs diff {difference:.1e})"
             print(f"{path.name}: matches the trained model on {checked}")
     try:

@@ -21,7 +21,8 @@ def model():
 @pytest.fixture(scope="module")
 def scripted(model, tmp_path_factory):
     path = tmp_path_factory.mktemp("export") / "model.pt"
-    export_torchscript(model, path, torch.rand(4, 1, 28, 28))
+    images = torch.rand(4, 1, 28, 28)
+    export_torchscript(model, path, images, model(images))
     return load_torchscript(path)
 
 
@@ -79,19 +80,20 @@ def test_saved_bytes_carry_no_source_paths_and_do_not_change(model):
 
 def test_torch_export_program_has_a_dynamic_batch_and_stable_bytes(model, tmp_path):
     images = torch.rand(7, 1, 28, 28)
-    assert export_program(model, tmp_path / "model.pt2", images) <= 1e-5
+    assert export_program(model, tmp_path / "model.pt2", images, model(images)) <= 1e-5
     program = torch.export.load(tmp_path / "model.pt2").module()
     for n in (1, 7, 10_000):
         batch = torch.rand(n, 1, 28, 28)
         assert torch.allclose(program(batch), model(batch), atol=1e-6)
     content = (tmp_path / "model.pt2").read_bytes()
     assert str(PROJECT).encode() not in content
-    export_program(model, tmp_path / "again.pt2", images)
+    export_program(model, tmp_path / "again.pt2", images, model(images))
     assert (tmp_path / "again.pt2").read_bytes() == content
 
 
 def test_a_failed_parity_check_leaves_no_file(tmp_path, model, monkeypatch):
     monkeypatch.setattr(export, "PARITY_TOLERANCE", -1.0)
     with pytest.raises(PipelineError, match=r"model.pt: exported model differs from the trained one"):
-        export_torchscript(model, tmp_path / "model.pt", torch.rand(10, 1, 28, 28))
+        images = torch.rand(10, 1, 28, 28)
+        export_torchscript(model, tmp_path / "model.pt", images, model(images))
     assert list(tmp_path.iterdir()) == []

@@ -50,7 +50,8 @@ def test_a_blank_image_has_no_digit():
 def model_file(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("predict") / "model.pt"
-    export_torchscript(MLP([16]).eval(), path, torch.rand(2, 1, 28, 28))
+    model, images = MLP([16]).eval(), torch.rand(2, 1, 28, 28)
+    export_torchscript(model, path, images, model(images))
     return path
 
 
