@@ -3,7 +3,7 @@
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: setup repro test lint format fast best bench
+.PHONY: setup repro test lint format fast best sweep bench
 
 setup: $(UV)
 	$(UV) sync --frozen
@@ -19,6 +19,12 @@ repro: setup
 fast best: setup
 	-$(RUN) dvc exp remove --quiet $@ 2>/dev/null
 	$(RUN) dvc exp run --name $@ $(addprefix -S ,$(shell grep -v '^#' recipes/$@.txt))
+
+# The grid in recipes/sweep.txt (comma-separated values) through DVC's queue, two workers at a time.
+sweep: setup
+	$(RUN) dvc exp run --queue $(addprefix -S ,$(shell grep -v '^#' recipes/sweep.txt))
+	$(RUN) dvc exp run --run-all --jobs 2
+	$(RUN) dvc exp show --only-changed
 
 bench: setup
 	$(RUN) python benchmarks/bench.py

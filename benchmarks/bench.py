@@ -1,12 +1,20 @@
-"""Side by side on real MNIST: the tutorial's training loop against this pipeline's train + evaluate.
+"""make bench: this pipeline against the tutorial's loop, and what the experiment loop costs.
 
-Every variant runs --runs times, round-robin so that drifts in machine speed hit all alike;
-the table shows medians. Wall time covers whole processes (interpreter, imports, data,
-training, test); train s is the training loop alone, as the train stage reports it;
-start-up s runs from process start to the first training step, less `import torch`.
-Needs data/mnist (`uv run dvc repro download`). Writes the table to benchmarks/results.md too.
+Everything runs in a scratch copy of the project (its own git repository and DVC cache) on real
+MNIST, fetched from MNIST_MIRROR (relative to the project root) or the internet, with the
+commands a user types. Each case runs --runs times, round-robin, so that the machine's drifts in
+speed hit every case alike; the tables give medians with the spread (min-max) beside them, and
+ratios are taken within a round, between neighbours.
 
-    uv run python benchmarks/bench.py [--runs 3] [--only fast best]
+  tutorial  benchmarks/tutorial_baseline.py: the seed tutorial's loop, with its test pass per epoch
+  repro     `dvc repro --force --downstream train`: train, evaluate and export at default params
+  variants  the train and evaluate stages alone, at other precisions and thread counts, and the recipes
+  exp-run   `dvc exp run -S train.epochs=1` (a new seed each time, so nothing is cached), then
+            `python -c "import torch"`, then back to the baseline: `git checkout HEAD -- . && dvc repro`
+  parallel  two trainings (2 epochs, default params) at once against one alone
+  sweep     the 4-run grid of recipes/sweep.txt through the queue with one worker, and with two
+
+    uv run python benchmarks/bench.py [--runs 3] [--only tutorial repro ...]
 """
 
 import argparse
@@ -19,51 +27,120 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "data" / "mnist"
 TRAIN_IMAGES = 60_000
 
 
-def recipe(name: str) -> dict:
-    """train.* overrides from recipes/<name>.txt."""
+def recipe(name: str) -> list[str]:
+    """The `train.<key>=<value>` overrides in recipes/<name>.txt."""
     lines = (ROOT / "recipes" / f"{name}.txt").read_text().splitlines()
-    return {
-        key.removeprefix("train."): yaml.safe_load(value)
-        for key, value in (line.split("=", 1) for line in lines if line and not line.startswith("#"))
-    }
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def overrides(name: str) -> dict:
+    """recipes/<name>.txt as train.* values."""
+    return {key.removeprefix("train."): yaml.safe_load(value) for key, value in (o.split("=", 1) for o in recipe(name))}
 
 
 VARIANTS = {
-    "tutorial": None,  # benchmarks/tutorial_baseline.py, the reference for the ratio
     "default": {},
     "bf16": {"precision": "bf16"},
     "1-thread": {"num_threads": 1},
-    "2-threads": {"num_threads": 2},
-    "fast": recipe("fast"),
-    "best": recipe("best"),
+    "fast": overrides("fast"),
+    "best": overrides("best"),
 }
 
 
-def run_measured(command: list[str], cwd: Path, env: dict) -> tuple[float, int, list[tuple[float, str]], str]:
-    """Wall seconds, peak RSS in bytes, stdout lines with their arrival times, and stderr of one process."""
-    with tempfile.TemporaryFile("w+") as stderr:
-        start = time.perf_counter()
-        process = subprocess.Popen(
-            command, cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=stderr, text=True
-        )
-        lines = [(time.perf_counter() - start, line) for line in process.stdout]
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - start
-        stderr.seek(0)
-        errors = stderr.read()
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{' '.join(command)} failed:\n{errors[-2000:]}")
-    return wall, usage.ru_maxrss * 1024, lines, errors
+@dataclass
+class Run:
+    wall: float
+    rss: int  # peak resident set of the process or its largest descendant, bytes
+    lines: list[tuple[float, str]]  # stdout lines with their arrival times, seconds from the start
+    stderr: str
+
+    @property
+    def out(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+    def number(self, pattern: str) -> float:
+        """The first group of the last match of `pattern` in stdout."""
+        return float(re.findall(pattern, self.out, re.MULTILINE)[-1])
+
+
+@dataclass
+class Scratch:
+    path: Path
+    env: dict[str, str]
+    seeds: int = 1000  # unique seeds, so that no experiment is answered by the run-cache
+
+    def run(self, *command: str, extra_env: dict | None = None) -> Run:
+        """Run `command` in the scratch copy; fail loudly if it fails."""
+        with tempfile.TemporaryFile("w+") as stderr:
+            start = time.perf_counter()
+            process = subprocess.Popen(
+                command,
+                cwd=self.path,
+                env={**self.env, **(extra_env or {})},
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
+            lines = [(time.perf_counter() - start, line) for line in process.stdout]
+            _, status, usage = os.wait4(process.pid, 0)
+            wall = time.perf_counter() - start
+            stderr.seek(0)
+            errors = stderr.read()
+        if os.waitstatus_to_exitcode(status):
+            raise SystemExit(
+                f"{' '.join(command)} failed:\n{''.join(line for _, line in lines)[-2000:]}{errors[-2000:]}"
+            )
+        return Run(wall, usage.ru_maxrss * 1024, lines, errors)
+
+    def new_seed(self) -> int:
+        self.seeds += 1
+        return self.seeds
+
+
+def make_scratch(parent: Path) -> Scratch:
+    """A copy of the project as git would commit it, with the baseline reproduced and committed."""
+    path = parent / "project"
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, path / name)
+    venv = Path(sys.executable).parent
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "MNIST_MIRROR")}
+    env |= {"PATH": f"{venv}{os.pathsep}{env['PATH']}", "VIRTUAL_ENV": str(venv.parent), "PYTHONUNBUFFERED": "1"}
+    if mirror := os.environ.get("MNIST_MIRROR"):
+        env["MNIST_MIRROR"] = mirror if "://" in mirror else str((ROOT / mirror).resolve())
+    scratch = Scratch(path, env)
+    for command in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.name", "bench"],
+        ["git", "config", "user.email", "bench@example.com"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "scratch"],
+    ):
+        scratch.run(*command)
+    print("setting up: dvc repro (download and the default baseline)", flush=True)
+    scratch.run("dvc", "repro")
+    scratch.run("git", "add", "-A")
+    scratch.run("git", "commit", "-qm", "baseline", "--allow-empty")
+    (path / ".bench").mkdir()
+    return scratch
 
 
 def torch_import_seconds(importtime: str) -> float:
@@ -75,85 +152,223 @@ def torch_import_seconds(importtime: str) -> float:
     raise ValueError("no `import torch` in the -X importtime output")
 
 
-def run_tutorial(env: dict) -> dict:
-    wall, rss, lines, _ = run_measured([sys.executable, "benchmarks/tutorial_baseline.py", str(DATA)], ROOT, env)
-    accuracy = float(re.findall(r"accuracy ([\d.]+)", "".join(line for _, line in lines))[-1])
-    return {"wall": wall, "train": None, "startup": None, "rss": rss, "accuracy": accuracy, "images": 9 * TRAIN_IMAGES}
+def run_tutorial(scratch: Scratch) -> dict:
+    run = scratch.run(sys.executable, str(ROOT / "benchmarks" / "tutorial_baseline.py"), "data/mnist")
+    return {"wall": run.wall, "rss": run.rss, "accuracy": run.number(r"accuracy ([\d.]+)")}
 
 
-def run_pipeline(overrides: dict, env: dict) -> dict:
-    """train.py then evaluate.py in a scratch copy whose params.yaml has the overrides."""
-    with tempfile.TemporaryDirectory() as scratch:
-        work = Path(scratch)
-        shutil.copytree(ROOT / "stages", work / "stages")
-        (work / "data").mkdir()
-        (work / "data" / "mnist").symlink_to(DATA)
-        params = yaml.safe_load((ROOT / "params.yaml").read_text())
-        params["train"].update(overrides)
-        (work / "params.yaml").write_text(yaml.safe_dump(params))
-        env = {**env, "PYTHONPATH": str(ROOT)}
-        train_wall, train_rss, train_lines, importtime = run_measured(
-            [sys.executable, "-X", "importtime", "stages/train.py"], work, env
-        )
-        eval_wall, eval_rss, eval_lines, _ = run_measured([sys.executable, "stages/evaluate.py"], work, env)
-    train_out, eval_out = ("".join(line for _, line in lines) for lines in (train_lines, eval_lines))
-    # The stage prints "training on ..." right before its first step.
-    first_step = next(seconds for seconds, line in train_lines if line.startswith("training on"))
+def run_repro(scratch: Scratch) -> dict:
+    run = scratch.run("dvc", "repro", "--force", "--downstream", "train")
     return {
-        "wall": train_wall + eval_wall,
-        "train": float(re.search(r"trained \d+ epochs in ([\d.]+) s", train_out).group(1)),
-        "startup": first_step - torch_import_seconds(importtime),
-        "rss": max(train_rss, eval_rss),
-        "accuracy": float(re.search(r"accuracy ([\d.]+)", eval_out).group(1)),
+        "wall": run.wall,
+        "train": run.number(r"^trained \d+ epochs in ([\d.]+) s"),
+        "rss": run.rss,
+        "accuracy": run.number(r"^test loss [\d.]+, accuracy ([\d.]+)"),
+    }
+
+
+def run_variant(scratch: Scratch, name: str) -> dict:
+    """The train and evaluate stages on their own, with params overridden, outputs under .bench/."""
+    params = yaml.safe_load((scratch.path / "params.yaml").read_text())
+    params["train"].update(VARIANTS[name])
+    work = Path(".bench") / name
+    (scratch.path / work).mkdir(exist_ok=True)
+    (scratch.path / work / "params.yaml").write_text(yaml.safe_dump(params))
+    checkpoint = str(work / "checkpoint.pt")
+    train = scratch.run(
+        *(sys.executable, "-X", "importtime", "-m", "stages.train", "--params", str(work / "params.yaml")),
+        *("--data", "data/mnist", "--checkpoint", checkpoint, "--history", str(work / "history.csv")),
+    )
+    evaluate = scratch.run(
+        *(sys.executable, "-m", "stages.evaluate", "--data", "data/mnist", "--checkpoint", checkpoint),
+        *("--metrics", str(work / "eval.json"), "--per-class", str(work / "per_class.csv")),
+        *("--predictions", str(work / "predictions.csv")),
+    )
+    # The stage prints "training on ..." right before its first step.
+    first_step = next(seconds for seconds, line in train.lines if line.startswith("training on"))
+    return {
+        "wall": train.wall + evaluate.wall,
+        "train": train.number(r"^trained \d+ epochs in ([\d.]+) s"),
+        "startup": first_step - torch_import_seconds(train.stderr),
+        "rss": max(train.rss, evaluate.rss),
+        "accuracy": evaluate.number(r"accuracy ([\d.]+)"),
         "images": params["train"]["epochs"] * TRAIN_IMAGES,
     }
 
 
+def run_experiment(scratch: Scratch) -> dict:
+    """One new experiment, the yardstick import, and the way back to the baseline's params."""
+    run = scratch.run("dvc", "exp", "run", "-S", "train.epochs=1", "-S", f"train.seed={scratch.new_seed()}")
+    train = run.number(r"^trained \d+ epochs in ([\d.]+) s")
+    yardstick = scratch.run(sys.executable, "-c", "import torch").wall
+    checkout = scratch.run("git", "checkout", "HEAD", "--", ".")
+    restore = scratch.run("dvc", "repro")
+    if "Running stage" in restore.out:
+        raise SystemExit(f"returning to the baseline ran a stage instead of restoring it:\n{restore.out}")
+    return {
+        "wall": run.wall,
+        "train": train,
+        "overhead": run.wall - train,
+        "import": yardstick,
+        "ratio": (run.wall - train) / yardstick,
+        "restore": checkout.wall + restore.wall,
+    }
+
+
+def run_parallel(scratch: Scratch) -> dict:
+    """Wall time of one 2-epoch training, then of two at once (each with its own outputs)."""
+    params = yaml.safe_load((scratch.path / "params.yaml").read_text())
+    params["train"]["epochs"] = 2
+    (scratch.path / ".bench" / "two-epochs.yaml").write_text(yaml.safe_dump(params))
+
+    def command(name: str) -> list[str]:
+        return [
+            *(sys.executable, "-m", "stages.train", "--params", ".bench/two-epochs.yaml", "--data", "data/mnist"),
+            *("--checkpoint", f".bench/{name}.pt", "--history", f".bench/{name}.csv"),
+        ]
+
+    alone = scratch.run(*command("alone")).wall
+    start = time.perf_counter()
+    processes = [
+        subprocess.Popen(
+            command(name), cwd=scratch.path, env=scratch.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for name in ("first", "second")
+    ]
+    if any(process.wait() for process in processes):
+        raise SystemExit("a training of the pair failed")
+    both = time.perf_counter() - start
+    return {"alone": alone, "both": both, "throughput": 2 * alone / both}
+
+
+def run_sweep(scratch: Scratch, workers: int) -> float:
+    """Wall time of the 4-run grid through the queue, from `dvc queue start` to the last result."""
+    scratch.run(
+        "dvc", "exp", "run", "--queue", *(f"-S{s}" for s in [*recipe("sweep"), f"train.seed={scratch.new_seed()}"])
+    )
+    names = re.findall(r"^\w+\s+(\S+)\s.*\bQueued$", scratch.run("dvc", "queue", "status").out, re.MULTILINE)
+    start = time.perf_counter()
+    scratch.run("dvc", "queue", "start", "--jobs", str(workers))
+    for name in names:
+        scratch.run("dvc", "queue", "logs", "--follow", name)  # returns when that experiment ends
+    wall = time.perf_counter() - start
+    status = scratch.run("dvc", "queue", "status").out
+    if len(names) != 4 or not all(re.search(rf"^\w+\s+{name}\s.*\bSuccess$", status, re.MULTILINE) for name in names):
+        raise SystemExit(f"the sweep did not succeed:\n{status}")
+    scratch.run("dvc", "queue", "remove", "--success")  # the experiments stay; only the task records go
+    return wall
+
+
+def spread(values: list[float], digits: int = 1) -> str:
+    """Median, then min-max when the values differ."""
+    median = f"{statistics.median(values):.{digits}f}"
+    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return median if low == high else f"{median} ({low}-{high})"
+
+
 def main() -> None:
+    cases = ["tutorial", "repro", "variants", "exp-run", "parallel", "sweep"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", nargs="+", choices=VARIANTS, help="variants to run (default: all)")
+    parser.add_argument("--only", nargs="+", choices=cases, help="cases to run (default: all)")
     args = parser.parse_args()
-    if not DATA.is_dir():
-        raise SystemExit(f"{DATA} is missing: run `uv run dvc repro download` first")
-    names = [name for name in VARIANTS if not args.only or name in args.only]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    results: dict[str, list[dict]] = {name: [] for name in names}
-    for run in range(1, args.runs + 1):
-        for name in names:
-            overrides = VARIANTS[name]
-            result = run_tutorial(env) if overrides is None else run_pipeline(overrides, env)
-            results[name].append(result)
-            print(
-                f"run {run}/{args.runs} {name}: {result['wall']:.1f} s, accuracy {result['accuracy']:.4f}", flush=True
-            )
+    chosen = [case for case in cases if not args.only or case in args.only]
+    results: dict[str, list] = {}
 
-    def median(name: str, key: str) -> float | None:
-        values = [r[key] for r in results[name] if r[key] is not None]
-        return statistics.median(values) if values else None
+    def record(name: str, measure: Callable[[], dict | float]) -> None:
+        result = measure()
+        results.setdefault(name, []).append(result)
+        shown = result if isinstance(result, float) else result.get("wall", result.get("both"))
+        print(f"  {name}: {shown:.1f} s", flush=True)
 
-    baseline = median("tutorial", "wall") if "tutorial" in results else None
-    rows = [
-        "| variant | wall s | train s | start-up s | samples/s | peak RSS MB | test accuracy | wall / tutorial |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    with tempfile.TemporaryDirectory(prefix="mnist-bench-") as parent:
+        scratch = make_scratch(Path(parent))
+        for round_number in range(1, args.runs + 1):
+            print(f"round {round_number}/{args.runs}", flush=True)
+            if "tutorial" in chosen:
+                record("tutorial", lambda: run_tutorial(scratch))
+            if "repro" in chosen:
+                record("repro", lambda: run_repro(scratch))
+            if "variants" in chosen:
+                for name in VARIANTS:
+                    record(name, lambda name=name: run_variant(scratch, name))
+            if "exp-run" in chosen:
+                record("exp-run", lambda: run_experiment(scratch))
+            if "parallel" in chosen:
+                record("parallel", lambda: run_parallel(scratch))
+            if "sweep" in chosen:
+                # Alternate which goes first, so that neither always meets a warmer machine.
+                for workers in (1, 2) if round_number % 2 else (2, 1):
+                    record(f"sweep-{workers}", lambda workers=workers: run_sweep(scratch, workers))
+    report = render(results, args.runs)
+    print("\n" + report)
+    (ROOT / "benchmarks" / "results.md").write_text(report)
+
+
+def render(results: dict[str, list], runs: int) -> str:
+    """The results as markdown tables."""
+
+    def column(name: str, key: str) -> list[float]:
+        return [result[key] for result in results[name]]
+
+    sections = [
+        f"`make bench`: {runs} rounds on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}. Medians, with the spread (min-max) in brackets.\n"
     ]
-    for name in names:
-        wall, train, startup = median(name, "wall"), median(name, "train"), median(name, "startup")
-        rows.append(
-            f"| {name} | {wall:.1f} | {'-' if train is None else f'{train:.2f}'} | "
-            f"{'-' if startup is None else f'{startup:.2f}'} | "
-            f"{median(name, 'images') / (train or wall):,.0f} | {median(name, 'rss') / 2**20:,.0f} | "
-            f"{median(name, 'accuracy'):.4f} | {'-' if baseline is None else f'{wall / baseline:.2f}'} |"
+    if "tutorial" in results and "repro" in results:
+        ratios = [r["wall"] / t["wall"] for r, t in zip(results["repro"], results["tutorial"], strict=True)]
+        sections.append(
+            "| the whole job, default params | wall s | train s | peak RSS MB | test accuracy |\n"
+            "|---|---:|---:|---:|---:|\n"
+            f"| tutorial loop | {spread(column('tutorial', 'wall'))} | - | "
+            f"{statistics.median(column('tutorial', 'rss')) / 2**20:,.0f} | "
+            f"{statistics.median(column('tutorial', 'accuracy')):.4f} |\n"
+            f"| `dvc repro --force --downstream train` | {spread(column('repro', 'wall'))} | "
+            f"{spread(column('repro', 'train'))} | {statistics.median(column('repro', 'rss')) / 2**20:,.0f} | "
+            f"{statistics.median(column('repro', 'accuracy')):.4f} |\n\n"
+            f"dvc repro / tutorial, within each round: {spread(ratios, 2)}\n"
         )
-    header = (
-        f"Medians of {args.runs} runs on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}. samples/s: training images per second of the training loop "
-        f"(of the whole process for the tutorial, which has no separate figure). start-up s: process start "
-        f"to the first training step, less `import torch`."
-    )
-    table = "\n".join([header, "", *rows])
-    print("\n" + table)
-    (ROOT / "benchmarks" / "results.md").write_text(table + "\n")
+    if "default" in results:
+        rows = [
+            "| train + evaluate stages | wall s | train s | start-up s | samples/s | peak RSS MB | accuracy |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name in VARIANTS:
+            samples = statistics.median(column(name, "images")) / statistics.median(column(name, "train"))
+            rows.append(
+                f"| {name} | {spread(column(name, 'wall'))} | {spread(column(name, 'train'), 2)} | "
+                f"{spread(column(name, 'startup'), 2)} | {samples:,.0f} | "
+                f"{statistics.median(column(name, 'rss')) / 2**20:,.0f} | "
+                f"{statistics.median(column(name, 'accuracy')):.4f} |"
+            )
+        sections.append("\n".join(rows) + "\n")
+    if "exp-run" in results:
+        sections.append(
+            "| `dvc exp run -S train.epochs=1` | s |\n|---|---:|\n"
+            f"| wall | {spread(column('exp-run', 'wall'), 2)} |\n"
+            f"| training | {spread(column('exp-run', 'train'), 2)} |\n"
+            f"| overhead: wall - training | {spread(column('exp-run', 'overhead'), 2)} |\n"
+            f'| `python -c "import torch"` | {spread(column("exp-run", "import"), 2)} |\n'
+            f"| overhead / import, within each round | {spread(column('exp-run', 'ratio'), 2)} |\n"
+            f"| back to the baseline (`git checkout HEAD -- . && dvc repro`, run-cache) | "
+            f"{spread(column('exp-run', 'restore'), 2)} |\n"
+        )
+    if "parallel" in results or "sweep-1" in results:
+        rows = ["| sharing 2 cores | wall s | against one at a time |", "|---|---:|---:|"]
+        if "parallel" in results:
+            rows.append(f"| one training (2 epochs) alone | {spread(column('parallel', 'alone'))} | |")
+            rows.append(
+                f"| two at once, until both end | {spread(column('parallel', 'both'))} | "
+                f"throughput {spread(column('parallel', 'throughput'), 2)} |"
+            )
+        if "sweep-1" in results:
+            ratios = [two / one for one, two in zip(results["sweep-1"], results["sweep-2"], strict=True)]
+            rows.append(f"| 4-run grid, queue with 1 worker | {spread(results['sweep-1'])} | |")
+            rows.append(
+                f"| 4-run grid, `dvc queue start -j 2` | {spread(results['sweep-2'])} | time {spread(ratios, 2)} |"
+            )
+        sections.append("\n".join(rows) + "\n")
+    return "\n".join(sections)
 
 
 if __name__ == "__main__":

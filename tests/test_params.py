@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import yaml
 from conftest import PROJECT
@@ -98,15 +100,22 @@ def test_missing_section_and_broken_yaml(tmp_path):
         load_params(tmp_path / "absent.yaml", "train", TrainParams)
 
 
-@pytest.mark.parametrize("name", ["fast", "best"])
-def test_recipes_are_valid_overrides_of_params_yaml(tmp_path, name):
-    """Each line of recipes/<name>.txt is a `dvc exp run -S` override of an existing parameter."""
+@pytest.mark.parametrize(("name", "runs"), [("fast", 1), ("best", 1), ("sweep", 4)])
+def test_recipes_are_valid_overrides_of_params_yaml(tmp_path, name, runs):
+    """Each line of recipes/<name>.txt is a `dvc exp run -S` override of an existing parameter; a
+    comma-separated value makes a grid, and every point of it is valid."""
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    choices = {}
     for line in (PROJECT / "recipes" / f"{name}.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             key, value = line.split("=", 1)
             section, field = key.split(".")
             assert field in params[section], key
-            params[section][field] = yaml.safe_load(value)
-    path = write(tmp_path, yaml.safe_dump(params))
-    assert load_params(path, "train", TrainParams).optimizer == "adamw"
+            choices[(section, field)] = [yaml.safe_load(v) for v in value.split(",")]
+    grid = list(itertools.product(*choices.values()))
+    assert len(grid) == runs
+    for point in grid:
+        for (section, field), value in zip(choices, point, strict=True):
+            params[section][field] = value
+        path = write(tmp_path, yaml.safe_dump(params))
+        assert load_params(path, "train", TrainParams).optimizer == "adamw"
