@@ -5,8 +5,11 @@ RUN := $(UV) run --frozen
 
 .PHONY: setup repro test lint format fast best sweep bench
 
+# Bytecode is compiled once here: every stage starts a fresh interpreter, and containers often
+# set PYTHONDONTWRITEBYTECODE, so without it each one compiles torch's and DVC's sources again.
+# (Not as a uv setting: then every `uv run` checks all 12,000 files again, 0.6 s a command.)
 setup: $(UV)
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
 
 .tools/bin/uv:
 	python3 -m venv .tools

@@ -55,7 +55,7 @@ def reserved_cores(count: int, folder: Path | None = None) -> Iterator[None]:
         queue = held.enter_context(open(folder / "queue.lock", "a"))
         announced = False
         if not _try_flock(queue):
-            print("waiting for CPU cores: other trainings on this machine are waiting for them too", flush=True)
+            print("waiting for CPU cores: other runs of the pipeline are waiting for them too", flush=True)
             announced = True
             fcntl.flock(queue, fcntl.LOCK_EX)
         taken: set[int] = set()
@@ -73,7 +73,10 @@ def reserved_cores(count: int, folder: Path | None = None) -> Iterator[None]:
                 break
             if not announced:
                 holders = ", ".join(sorted({(folder / f"core-{core}.lock").read_text() for core in busy}))
-                print(f"waiting for {count} free CPU cores: other trainings (pid {holders}) hold them", flush=True)
+                print(
+                    f"waiting for {count} free CPU cores: other runs of the pipeline (pid {holders}) hold them",
+                    flush=True,
+                )
                 announced = True
             time.sleep(POLL_SECONDS)
         fcntl.flock(queue, fcntl.LOCK_UN)
