@@ -83,16 +83,20 @@ def test_each_stage_command_names_exactly_the_files_its_stage_declares(baseline)
         assert named == data | outputs | ({"params.yaml"} if "params" in stage else set()), name
 
 
-def test_a_queued_experiment_runs_the_code_it_was_queued_with(baseline):
-    project, _ = baseline
-    training = project / "mnist_pipeline" / "training.py"
-    committed = training.read_text()
-    training.write_text(committed + 'print("MARKER: queued code")\n')
+def test_a_queued_experiment_runs_the_code_it_was_queued_with_and_finds_a_relative_mirror(baseline):
+    project, mirror = baseline
+    modules = [project / "mnist_pipeline" / name for name in ("download.py", "training.py")]
+    committed = [module.read_text() for module in modules]
+    for module, text in zip(modules, committed, strict=True):
+        module.write_text(text + f'print("MARKER: queued {module.name}")\n')
     run(project, "dvc", "exp", "run", "--queue", "-S", "train.epochs=1", "-n", "queued")
-    training.write_text(committed)  # the queued experiment must still run the edited file
-    run(project, "dvc", "queue", "start")
+    for module, text in zip(modules, committed, strict=True):
+        module.write_text(text)  # the queued experiment must still run the edited files
+    run(project, "dvc", "queue", "start", mirror=mirror)  # workers inherit this environment
     logs = run(project, "dvc", "queue", "logs", "--follow", "queued").stdout  # returns when it ends
-    assert "MARKER: queued code" in logs
+    assert "MARKER: queued download.py" in logs
+    assert "MARKER: queued training.py" in logs
+    assert "train-images-idx3-ubyte: verified, from file://" in logs  # the mirror, not the internet
     assert re.search(r"queued\s.*Success", run(project, "dvc", "queue", "status").stdout)
     shown = run(project, "dvc", "exp", "show", "--json").stdout
     assert '"queued"' in shown
