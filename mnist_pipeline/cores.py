@@ -1,12 +1,13 @@
-"""CPU cores shared fairly between the trainings on one machine: each holds the cores it runs threads on.
+"""CPU cores shared between the pipeline's runs on one machine: each holds the cores it runs threads on.
 
 OpenMP threads meet at the end of every operation and spin while they wait. Two trainings that
 each run a thread per core on the same cores keep preempting each other's threads, and both
 crawl: on 2 cores, two 2-thread trainings ran at 58 steps/s each, against 300 for one alone. So a
-training reserves as many cores as it runs threads before its first step, waiting while other
-trainings hold them, and gives them back when it ends. N trainings on C cores then take turns
-at full speed instead of crawling together. The thread count itself is never lowered to fit:
-in fp32 the results depend on it, and the same params must give the same bytes.
+training reserves as many cores as it runs threads before its first step (evaluate and export
+do the same for their few seconds of work), waits while other runs hold them, and gives them
+back when it ends. N trainings on C cores then take turns at full speed instead of crawling
+together. The thread count itself is never lowered to fit: in fp32 the results depend on it,
+and the same params must give the same bytes.
 
 Reservations are advisory file locks (flock) in a per-user folder under the temporary
 directory. The kernel drops the locks of a process that dies, even by `kill -9`.
@@ -33,7 +34,7 @@ def machine_cores() -> int:
 
 
 def locks_folder() -> Path:
-    """Where every training of this user on this machine keeps its core reservations."""
+    """Where every run of this user on this machine keeps its core reservations."""
     return Path(tempfile.gettempdir()) / f"mnist-pipeline-cores-{os.getuid()}"
 
 
@@ -41,7 +42,7 @@ def locks_folder() -> Path:
 def reserved_cores(count: int, folder: Path | None = None) -> Iterator[None]:
     """Hold `count` of this machine's cores (at most all of them) while the block runs.
 
-    Waits, and says so once, while other trainings hold them. One waiter at a time gathers
+    Waits, and says so once, while other runs hold them. One waiter at a time gathers
     cores, so two waiters never each hold half of what both need.
     """
     if sys.platform == "win32":  # no flock, so nothing to coordinate with
@@ -72,9 +73,9 @@ def reserved_cores(count: int, folder: Path | None = None) -> Iterator[None]:
             if len(taken) == count:
                 break
             if not announced:
-                holders = ", ".join(sorted({(folder / f"core-{core}.lock").read_text() for core in busy}))
+                holders = "; pid ".join(sorted({(folder / f"core-{core}.lock").read_text() for core in busy}))
                 print(
-                    f"waiting for {count} free CPU cores: other runs of the pipeline (pid {holders}) hold them",
+                    f"waiting for {count} free CPU cores: other runs of the pipeline hold them (pid {holders})",
                     flush=True,
                 )
                 announced = True
@@ -92,12 +93,12 @@ def _try_flock(file: IO) -> bool:
 
 
 def _lock_core(path: Path) -> IO | None:
-    """The core's lock file, locked and holding this process's pid; None if another process holds it."""
+    """The core's lock file, locked and naming this process and its folder; None if another process holds it."""
     file = open(path, "a+")  # noqa: SIM115 (the caller closes it, which releases the lock)
     if not _try_flock(file):
         file.close()
         return None
     file.truncate(0)
-    file.write(str(os.getpid()))
+    file.write(f"{os.getpid()} in {os.getcwd()}")
     file.flush()
     return file

@@ -1,6 +1,8 @@
 """Fetching MNIST from a list of mirrors, verified by the md5 of each decompressed file."""
 
 import hashlib
+import os
+import shutil
 import urllib.error
 import urllib.request
 import zlib
@@ -48,17 +50,28 @@ def mirror_list(mnist_mirror: str | None, root: Path) -> list[str]:
 
 
 def download_mnist(data_dir: Path, checksums: dict[str, str], mirrors: list[str]) -> None:
-    """Fetch each `<name>.gz`, trying the mirrors in order, and store it decompressed as `data_dir/<name>`."""
-    for name, md5 in checksums.items():
-        failures = []
-        for mirror in mirrors:
-            try:
-                fetch_verified(mirror + name + ".gz", data_dir / name, md5)
-                break
-            except (OSError, zlib.error, ValueError) as error:
-                failures.append(f"{mirror}: {describe(error)}")
-        else:
-            raise PipelineError(f"could not get {name}.gz from any mirror: " + "; ".join(failures))
+    """Fetch each `<name>.gz`, trying the mirrors in order, and store it decompressed as `data_dir/<name>`.
+
+    The files gather in a temporary folder beside `data_dir`, which takes its place only once
+    every file is verified: a failure leaves no partial dataset behind.
+    """
+    partial = data_dir.with_name(f".{data_dir.name}.{os.getpid()}.tmp")
+    try:
+        for name, md5 in checksums.items():
+            failures = []
+            for mirror in mirrors:
+                try:
+                    fetch_verified(mirror + name + ".gz", partial / name, md5)
+                    break
+                except (OSError, zlib.error, ValueError) as error:
+                    failures.append(f"{mirror}: {describe(error)}")
+            else:
+                raise PipelineError(f"could not get {name}.gz from any mirror: " + "; ".join(failures))
+        if data_dir.exists():
+            shutil.rmtree(data_dir)
+        os.replace(partial, data_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def fetch_verified(url: str, target: Path, md5: str) -> None:

@@ -46,7 +46,7 @@ def test_a_reservation_waits_while_another_holds_every_core(tmp_path, capsys):
     assert first_in.wait(LIMIT)
     second = enter_in_thread(1, tmp_path, second_in, second_out)
     said = wait_for_output(capsys, "waiting for 1 free CPU cores")
-    assert f"other runs of the pipeline (pid {os.getpid()}) hold them" in said
+    assert f"other runs of the pipeline hold them (pid {os.getpid()} in {os.getcwd()})" in said
     assert not second_in.is_set()  # every core is still held
     first_out.set()
     assert second_in.wait(LIMIT)

@@ -88,7 +88,7 @@ def test_when_every_mirror_fails_the_error_lists_each_and_nothing_is_left(tmp_pa
     assert f"{url}/notgzip/: not a valid gzip file" in message
     assert f"{url}/truncated/: truncated gzip stream" in message
     assert "nowhere/: [Errno 2] No such file or directory" in message
-    assert list(data.iterdir()) == []
+    assert not data.exists() and not list(tmp_path.glob(".data*"))  # no dataset, no leftovers
 
 
 def test_a_checksum_mismatch_is_reported_with_both_values(tmp_path, mirror):
@@ -96,4 +96,19 @@ def test_a_checksum_mismatch_is_reported_with_both_values(tmp_path, mirror):
     wrong = dict.fromkeys(checksums, "0" * 32)
     with pytest.raises(PipelineError, match=r"md5 of decompressed content is [0-9a-f]{32}, expected 0{32}"):
         download_mnist(tmp_path / "data", wrong, [directory.as_uri() + "/"])
-    assert list((tmp_path / "data").iterdir()) == []
+    assert not (tmp_path / "data").exists() and not list(tmp_path.glob(".data*"))
+
+
+def test_a_failure_after_some_files_leaves_no_partial_dataset_and_keeps_the_old_one(tmp_path, mirror):
+    directory, checksums = mirror
+    data = tmp_path / "data" / "mnist"
+    data.mkdir(parents=True)
+    (data / "previous").write_text("the dataset from before")
+    last = list(checksums)[-1]
+    broken = {**checksums, last: "0" * 32}  # every file verifies but the last
+    with pytest.raises(PipelineError, match=f"could not get {last}.gz"):
+        download_mnist(data, broken, [directory.as_uri() + "/"])
+    assert [p.name for p in data.iterdir()] == ["previous"]
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["mnist"]
+    download_mnist(data, checksums, [directory.as_uri() + "/"])
+    assert sorted(p.name for p in data.iterdir()) == sorted(checksums)
