@@ -80,14 +80,14 @@ class Scratch:
     env: dict[str, str]
     seeds: int = 1000  # unique seeds, so that no experiment is answered by the run-cache
 
-    def run(self, *command: str, extra_env: dict | None = None) -> Run:
+    def run(self, *command: str) -> Run:
         """Run `command` in the scratch copy; fail loudly if it fails."""
         with tempfile.TemporaryFile("w+") as stderr:
             start = time.perf_counter()
             process = subprocess.Popen(
                 command,
                 cwd=self.path,
-                env={**self.env, **(extra_env or {})},
+                env=self.env,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 text=True,
