@@ -6,6 +6,7 @@ import csv
 import inspect
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,7 +23,10 @@ def run_stage(main: Callable[..., None]) -> None:
 
     dvc.yaml is the one place that names each stage's files: a parameter `per_class` of main()
     is the required option `--per-class PATH`. A PipelineError becomes one line and exit code 1.
+    SIGTERM (what `kill`, schedulers and container runtimes send) unwinds like Ctrl-C, so that
+    the temporary files of half-written outputs are removed either way.
     """
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description=sys.modules[main.__module__].__doc__)
     for name in inspect.signature(main).parameters:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, metavar="PATH")
@@ -33,14 +37,19 @@ def run_stage(main: Callable[..., None]) -> None:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         status = 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        status = 130
+    except KeyboardInterrupt as interrupt:
+        received = interrupt.args[0] if interrupt.args else signal.SIGINT
+        print(f"interrupted ({received.name})", file=sys.stderr)
+        status = 128 + received
     # Every output is written and closed by now. Skip the interpreter's teardown, which frees each
     # module and runs the CUDA libraries' destructors: 0.45 s with torch loaded, paid by every stage.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def _interrupt(received: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(received))
 
 
 @contextmanager
