@@ -1,12 +1,21 @@
 """Fetching MNIST from a list of mirrors, verified by the md5 of each decompressed file."""
 
 import hashlib
+import http.client
+import math
 import os
 import shutil
+import socket
+import stat
+import threading
+import time
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import IO
 
 from tqdm import tqdm
 
@@ -17,7 +26,19 @@ OFFICIAL_MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 )
+# The published sizes of the decompressed files. A download stops as soon as its output outgrows
+# the size: a corrupt or hostile .gz (a "gzip bomb") cannot fill the disk before the md5 check.
+PUBLISHED_SIZES = {
+    "train-images-idx3-ubyte": 47_040_016,
+    "train-labels-idx1-ubyte": 60_008,
+    "t10k-images-idx3-ubyte": 7_840_016,
+    "t10k-labels-idx1-ubyte": 10_008,
+}
+DEADLINE_VARIABLE = "MNIST_DOWNLOAD_DEADLINE"
+DEFAULT_DEADLINE_SECONDS = 300.0
 CHUNK_SIZE = 1 << 20
+# The longest wait for any one read (connecting, headers, each piece of the body): a silent
+# server fails its mirror after this long even when the file's deadline is further away.
 TIMEOUT_SECONDS = 30
 
 
@@ -49,22 +70,53 @@ def mirror_list(mnist_mirror: str | None, root: Path) -> list[str]:
     return mirrors
 
 
-def download_mnist(data_dir: Path, checksums: dict[str, str], mirrors: list[str]) -> None:
+def download_deadline(value: str | None) -> float:
+    """The seconds each whole file may take: MNIST_DOWNLOAD_DEADLINE's `value` when set, else 300."""
+    if not value:  # unset or empty, as for MNIST_MIRROR
+        return DEFAULT_DEADLINE_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise PipelineError(
+            f"{DEADLINE_VARIABLE} must be a positive number of seconds for each file "
+            f"(default {DEFAULT_DEADLINE_SECONDS:g}), got {value!r}"
+        )
+    return seconds
+
+
+def size_limit(name: str) -> int:
+    """The most bytes that file `name` may decompress to."""
+    # A name outside the table (a checksum file for another dataset in MNIST's format) gets the
+    # largest published size: still a bound on what a bad .gz can write, and room for MNIST's.
+    return PUBLISHED_SIZES.get(name, max(PUBLISHED_SIZES.values()))
+
+
+def download_mnist(
+    data_dir: Path, checksums: dict[str, str], mirrors: list[str], deadline: float = DEFAULT_DEADLINE_SECONDS
+) -> None:
     """Fetch each `<name>.gz`, trying the mirrors in order, and store it decompressed as `data_dir/<name>`.
 
+    A mirror fails a file that takes longer than `deadline` seconds, or grows past `size_limit`.
     The files gather in a temporary folder beside `data_dir`, which takes its place only once
     every file is verified: a failure leaves no partial dataset behind.
     """
     partial = data_dir.with_name(f".{data_dir.name}.{os.getpid()}.tmp")
+    # A folder of this name can only be left by a killed process that had our pid (containers
+    # reuse them): its files must not end up in the dataset.
+    shutil.rmtree(partial, ignore_errors=True)
     try:
         for name, md5 in checksums.items():
             failures = []
             for mirror in mirrors:
                 try:
-                    fetch_verified(mirror + name + ".gz", partial / name, md5)
+                    fetch_verified(mirror + name + ".gz", partial / name, md5, deadline)
                     break
-                except (OSError, zlib.error, ValueError) as error:
+                except (OSError, http.client.HTTPException, zlib.error, ValueError) as error:
                     failures.append(f"{mirror}: {describe(error)}")
+                    if mirror != mirrors[-1]:
+                        print(f"{name}.gz: {failures[-1]}; trying the next mirror")
             else:
                 raise PipelineError(f"could not get {name}.gz from any mirror: " + "; ".join(failures))
         if data_dir.exists():
@@ -74,32 +126,89 @@ def download_mnist(data_dir: Path, checksums: dict[str, str], mirrors: list[str]
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def fetch_verified(url: str, target: Path, md5: str) -> None:
-    """Stream a gzip file from `url`, decompressing into `target`; nothing is left behind unless it verifies."""
+def fetch_verified(url: str, target: Path, md5: str, deadline: float = DEFAULT_DEADLINE_SECONDS) -> None:
+    """Stream a gzip file from `url`, decompressing into `target`; nothing is left behind unless it verifies.
+
+    The whole file must arrive within `deadline` seconds and decompress to at most `size_limit` bytes.
+    """
     digest = hashlib.md5()
     decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing
-    with (
-        urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response,
-        atomic_output(target) as out,
-        tqdm(
-            desc=target.name,
-            total=int(response.headers.get("Content-Length") or 0) or None,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            leave=False,
-        ) as progress,
-    ):
-        while chunk := response.read(CHUNK_SIZE):
-            data = decompressor.decompress(chunk)
-            digest.update(data)
-            out.write(data)
-            progress.update(len(chunk))
-        if not decompressor.eof:
-            raise ValueError("truncated gzip stream")
-        if digest.hexdigest() != md5:
-            raise ValueError(f"md5 of decompressed content is {digest.hexdigest()}, expected {md5}")
+    limit = size_limit(target.name)
+    size = 0
+    expires = time.monotonic() + deadline
+    try:
+        with (
+            urllib.request.urlopen(url, timeout=min(TIMEOUT_SECONDS, deadline)) as response,
+            cut_off_at(response, expires),
+            atomic_output(target) as out,
+            tqdm(
+                desc=target.name,
+                total=int(response.headers.get("Content-Length") or 0) or None,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                leave=False,
+                # None: no bar when stderr is not a terminal. In a log (CI, `dvc queue logs`) its
+                # redraws are noise, and an error or interruption would not be one line.
+                disable=None,
+            ) as progress,
+        ):
+            # read1 returns what has arrived instead of waiting for a full chunk: the progress bar
+            # moves for a slow mirror too.
+            while chunk := response.read1(CHUNK_SIZE):
+                progress.update(len(chunk))
+                while True:
+                    # At most CHUNK_SIZE bytes at a time: a gzip bomb never sits whole in memory.
+                    data = decompressor.decompress(chunk, CHUNK_SIZE)
+                    size += len(data)
+                    if size > limit:
+                        raise ValueError(f"decompresses to more than the expected {limit} bytes")
+                    digest.update(data)
+                    out.write(data)
+                    chunk = decompressor.unconsumed_tail
+                    # A full piece may leave output inside zlib even once all the input is consumed.
+                    if not chunk and len(data) < CHUNK_SIZE:
+                        break
+            if not decompressor.eof:
+                raise ValueError("truncated gzip stream")
+            if digest.hexdigest() != md5:
+                raise ValueError(f"md5 of decompressed content is {digest.hexdigest()}, expected {md5}")
+    except (OSError, http.client.HTTPException, zlib.error, ValueError) as error:
+        # Past the deadline, cut_off_at has closed the connection: whatever broke, that is why.
+        if time.monotonic() >= expires:
+            raise TimeoutError(f"no complete file within {deadline:g} s ({DEADLINE_VARIABLE})") from error
+        raise
     print(f"{target.name}: verified, from {url}")
+
+
+@contextmanager
+def cut_off_at(response: IO[bytes], expires: float) -> Iterator[None]:
+    """Shut the connection behind `response` down at time `expires`, ending any read waiting on it.
+
+    A socket timeout bounds each read, not the whole file: a server that sends a byte now and
+    then would never trip it. A response from a local file has no connection and is left alone.
+    """
+    descriptor = response.fileno()
+    if not stat.S_ISSOCK(os.fstat(descriptor).st_mode):
+        yield
+        return
+    # A duplicate descriptor of the same connection: shutting it down wakes a read blocked on
+    # the response's own, from this other thread, and closing it leaves the response's open.
+    connection = socket.socket(fileno=os.dup(descriptor))
+
+    def shut() -> None:
+        with suppress(OSError):  # the server may have closed it already
+            connection.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(max(0.0, expires - time.monotonic()), shut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()
+        connection.close()
 
 
 def describe(error: Exception) -> str:

@@ -1,6 +1,6 @@
 """The multilayer perceptron, and the checkpoint that holds everything needed to rebuild it."""
 
-import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -14,6 +14,7 @@ from mnist_pipeline.stage import PipelineError, atomic_output
 # Mean and standard deviation of MNIST's training pixels, scaled to [0, 1].
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
+CHECKPOINT_KEYS = {"hidden_sizes", "train_params", "state_dict"}
 
 
 class MLP(nn.Module):
@@ -60,14 +61,39 @@ def save_checkpoint(model: MLP, train_params: dict[str, Any], path: Path) -> Non
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """The trained model, on the CPU and in eval mode, with what it was built from."""
+    """The trained model, on the CPU and in eval mode, with what it was built from.
+
+    Anything else (an empty, truncated or foreign file, weights that do not fit, NaN weights)
+    is a PipelineError naming the file and the stage that rewrites it.
+    """
+
+    def invalid(reason: str) -> PipelineError:
+        return PipelineError(f"{path}: {reason}; the train stage rewrites it: dvc repro train")
+
+    if not path.is_file():
+        raise invalid("file not found")
+    if path.stat().st_size == 0:
+        raise invalid("empty file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        model = MLP(checkpoint["hidden_sizes"])
-        model.load_state_dict(checkpoint["state_dict"])
-        return Checkpoint(model.eval(), checkpoint["train_params"])
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found (run the train stage: dvc repro train)") from None
-    except (RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as error:
-        reason = str(error).splitlines()[0]
-        raise PipelineError(f"{path}: not a checkpoint written by the train stage ({reason})") from None
+        # torch.load's own messages for foreign files advise loading them with weights_only=False,
+        # which runs whatever code the file holds: say only that the file is not a checkpoint.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged or foreign file can fail in any of torch.load's layers
+        raise invalid(f"damaged or not a checkpoint (torch.load raised {type(error).__name__})") from None
+    if not isinstance(checkpoint, dict) or not checkpoint.keys() >= CHECKPOINT_KEYS:
+        raise invalid(f"not a checkpoint of the train stage (expected a dict of {', '.join(sorted(CHECKPOINT_KEYS))})")
+    sizes, weights = checkpoint["hidden_sizes"], checkpoint["state_dict"]
+    if not isinstance(sizes, list) or not all(isinstance(n, int) and n > 0 for n in sizes):
+        raise invalid(f"hidden_sizes must be a list of positive integers, got {sizes!r}")
+    with torch.device("meta"):  # the expected shapes, without allocating a model of any size
+        expected = {name: tensor.shape for name, tensor in MLP(sizes).state_dict().items()}
+    found = {name: tensor.shape for name, tensor in weights.items()} if isinstance(weights, dict) else None
+    if found != expected:
+        raise invalid(f"its weights do not fit the multilayer perceptron with hidden sizes {sizes}")
+    if not all(torch.isfinite(tensor).all() for tensor in weights.values()):
+        raise invalid("its weights hold NaN or infinite values")
+    model = MLP(sizes)
+    model.load_state_dict(weights)
+    return Checkpoint(model.eval(), checkpoint["train_params"])

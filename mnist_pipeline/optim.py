@@ -1,13 +1,15 @@
 """SGD with momentum and AdamW, each a single fused kernel call per step, and the one-cycle schedule.
 
-These are the kernels torch.optim runs with fused=True, called without torch.optim's wrappers:
-their first step imports torch._dynamo, which costs about 150 MB of memory and 1.3 s of
-start-up on a 2-core machine. tests/test_optim.py checks every step against torch.optim.
+These are torch.optim's fused kernels through its public functional API, without the
+torch.optim.Optimizer classes: their first step imports torch._dynamo, which costs about
+150 MB of memory and 1.3 s of start-up on a 2-core machine. tests/test_optim.py checks every
+step against torch.optim and that torch._dynamo stays unimported.
 """
 
 import math
 
 import torch
+import torch.optim.functional
 
 from mnist_pipeline.params import TrainParams
 
@@ -39,8 +41,8 @@ class Optimizer:
         self.total_steps = total_steps
         self.steps_taken = 0
         if params.optimizer == "sgd":
-            # The fused kernel takes no buffers when there is no momentum.
-            self.momentum_buffers = [torch.zeros_like(p) for p in parameters] if params.momentum else []
+            # Filled in by the first step, as torch.optim.SGD does.
+            self.momentum_buffers: list[torch.Tensor | None] = [None] * len(parameters)
         else:
             self.exp_avgs = [torch.zeros_like(p) for p in parameters]
             self.exp_avg_sqs = [torch.zeros_like(p) for p in parameters]
@@ -48,8 +50,12 @@ class Optimizer:
 
     def lr(self) -> float:
         """The learning rate of the next step."""
+        return self.lr_at(self.steps_taken)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of 0-based `step`."""
         if self.params.schedule == "onecycle":
-            return one_cycle_lr(self.steps_taken, self.total_steps, self.params.lr)
+            return one_cycle_lr(step, self.total_steps, self.params.lr)
         return self.params.lr
 
     def zero_grad(self) -> None:
@@ -60,27 +66,27 @@ class Optimizer:
     def step(self) -> None:
         grads = [p.grad for p in self.parameters]
         if self.params.optimizer == "sgd":
-            torch._fused_sgd_(
+            torch.optim.functional.sgd(
                 self.parameters,
                 grads,
                 self.momentum_buffers,
+                fused=True,
                 weight_decay=self.params.weight_decay,
                 momentum=self.params.momentum,
                 lr=self.lr(),
                 dampening=0.0,
                 nesterov=False,
                 maximize=False,
-                is_first_step=self.steps_taken == 0,
             )
         else:
-            torch._foreach_add_(self.adam_steps, 1.0)
-            torch._fused_adamw_(
+            torch.optim.functional.adamw(
                 self.parameters,
                 grads,
                 self.exp_avgs,
                 self.exp_avg_sqs,
                 [],
                 self.adam_steps,
+                fused=True,
                 lr=self.lr(),
                 beta1=ADAMW_BETAS[0],
                 beta2=ADAMW_BETAS[1],

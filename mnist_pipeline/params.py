@@ -1,5 +1,6 @@
 """Reading params.yaml into checked, typed settings; every mistake names the parameter."""
 
+import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -7,7 +8,10 @@ from typing import Any
 
 import yaml
 
+from mnist_pipeline.cores import machine_cores
 from mnist_pipeline.stage import PipelineError
+
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes 64 bits
 
 
 @dataclass(frozen=True)
@@ -38,16 +42,19 @@ CHECKS = {
         "a list of positive integers",
     ),
     "train.optimizer": (lambda v: v in ("sgd", "adamw"), "sgd or adamw"),
-    "train.lr": (lambda v: _is_number(v) and v > 0, "a positive number"),
-    "train.weight_decay": (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
+    "train.lr": (lambda v: _is_number(v) and 0 < v < math.inf, "a positive finite number"),
+    "train.weight_decay": (lambda v: _is_number(v) and 0 <= v < math.inf, "a non-negative finite number"),
     "train.label_smoothing": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "train.schedule": (lambda v: v in ("constant", "onecycle"), "constant or onecycle"),
     "train.precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
-    "train.num_threads": (lambda v: _is_int(v) and v >= 0, "a non-negative integer (0: all cores)"),
+    "train.num_threads": (
+        lambda v: _is_int(v) and 0 <= v <= machine_cores(),
+        f"an integer from 0 (all cores) to {machine_cores()} (this machine's cores)",
+    ),
     "train.momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "train.batch_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "train.epochs": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "train.seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "train.seed": (lambda v: _is_int(v) and 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
     "train.device": (
         lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
         "one of auto, cpu, cuda, cuda:N, mps",
@@ -55,10 +62,22 @@ CHECKS = {
 }
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """YAML as DVC reads params.yaml (YAML 1.2): `1e-3` is a number, where YAML 1.1 reads a string.
+
+    `dvc exp run -S train.lr=0.001` writes `lr: 1e-3`; train.lr must then be what DVC shows.
+    """
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$"), list("-+.0123456789")
+)
+
+
 def load_params(path: Path, section: str, cls: type) -> Any:
     """The checked `section` of the params file at `path`, as an instance of the dataclass `cls`."""
     try:
-        params = yaml.safe_load(path.read_text())
+        params = yaml.load(path.read_text(), ParamsLoader)
     except OSError as error:
         raise PipelineError(f"{path}: cannot read ({error.strerror})") from None
     except yaml.YAMLError as error:

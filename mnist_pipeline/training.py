@@ -1,6 +1,7 @@
 """Training the MLP with the whole dataset held as tensors on the device."""
 
 import ctypes
+import itertools
 import math
 import os
 import sys
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mnist_pipeline.data import scale_pixels
+from mnist_pipeline.data import IMAGE_SIZE, NUM_CLASSES, scale_pixels
 from mnist_pipeline.model import MLP
 from mnist_pipeline.optim import Optimizer
 from mnist_pipeline.params import TrainParams
@@ -46,7 +47,7 @@ def configure_device(params: TrainParams, device: torch.device) -> None:
     torch.set_num_threads(params.num_threads or torch.get_num_threads())
     if device.type == "cpu":
         keep_freed_memory()
-        if params.precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if params.precision == "bf16" and not cpu_has_native_bf16():
             raise PipelineError(
                 "params.yaml: train.precision is bf16 but this CPU has no native bf16 support; use fp32"
             )
@@ -56,6 +57,31 @@ def configure_device(params: TrainParams, device: torch.device) -> None:
         # 1.3 s). cuBLAS also needs a fixed workspace, set before its first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX-BF16 on x86, the BF16 extensions on Arm)."""
+    return any(name.endswith("bf16") and present is True for name, present in torch.cpu.get_capabilities().items())
+
+
+def check_model_fits(hidden_sizes: list[int], params: TrainParams, device: torch.device) -> None:
+    """Refuse, before allocating anything, a model whose training cannot fit in `device`'s memory."""
+    widths = [IMAGE_SIZE * IMAGE_SIZE, *hidden_sizes, NUM_CLASSES]
+    weights = sum((fan_in + 1) * fan_out for fan_in, fan_out in itertools.pairwise(widths))
+    # float32 weights and gradients, the optimizer's state, and bf16 copies of the weights.
+    state = {"sgd": 1 if params.momentum else 0, "adamw": 2}[params.optimizer]
+    needed = weights * (4 * (2 + state) + (2 if params.precision == "bf16" else 0))
+    if device.type == "cuda":
+        available = torch.cuda.get_device_properties(device).total_memory
+    elif hasattr(os, "sysconf"):
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        return
+    if needed > available:
+        raise PipelineError(
+            f"params.yaml: model.hidden_sizes {hidden_sizes} makes {weights:,} weights, which need at least "
+            f"{needed / 2**30:,.1f} GiB to train; this {device.type} device has {available / 2**30:,.1f} GiB"
+        )
 
 
 def cores_needed(device: torch.device) -> int:
@@ -76,6 +102,19 @@ def keep_freed_memory() -> None:
         mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
+def stop_if_diverged(losses: torch.Tensor, epoch: int, steps_before: int, optimizer: Optimizer) -> None:
+    """Raise a PipelineError if `losses`, the optimizer's latest steps (this epoch's after the
+    first `steps_before`), hold a NaN or an infinity, naming the first of them."""
+    diverged = torch.nonzero(~torch.isfinite(losses))
+    if len(diverged):
+        index = int(diverged[0])
+        lr = optimizer.lr_at(optimizer.steps_taken - len(losses) + index)
+        raise PipelineError(
+            f"params.yaml: training diverged at epoch {epoch}, step {steps_before + index + 1}: the loss is "
+            f"{losses[index].item()} (learning rate {lr:g}); lower train.lr"
+        )
+
+
 def train(model: MLP, images: torch.Tensor, labels: torch.Tensor, params: TrainParams) -> dict[str, list[float]]:
     """Minimize cross-entropy on uint8 `images` [N, 784].
 
@@ -84,7 +123,8 @@ def train(model: MLP, images: torch.Tensor, labels: torch.Tensor, params: TrainP
     """
     device = images.device
     n = len(images)
-    optimizer = Optimizer(list(model.parameters()), params, params.epochs * math.ceil(n / params.batch_size))
+    steps_per_epoch = math.ceil(n / params.batch_size)
+    optimizer = Optimizer(list(model.parameters()), params, params.epochs * steps_per_epoch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=params.precision == "bf16")
     shuffle = torch.Generator().manual_seed(params.seed)
     history: dict[str, list[float]] = {"epoch": [], "loss": [], "accuracy": []}
@@ -97,6 +137,10 @@ def train(model: MLP, images: torch.Tensor, labels: torch.Tensor, params: TrainP
             order = torch.randperm(n, generator=shuffle).to(device)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
+            # Each step's loss stays on the device until the next readout, which stops a diverged
+            # training at the step where it went wrong, with no host synchronisation per step.
+            step_losses = torch.empty(steps_per_epoch, device=device)
+            checked = 0
             for step, first in enumerate(range(0, n, params.batch_size), start=1):
                 batch = order[first : first + params.batch_size]
                 # index_select copies whole rows; images[batch] goes element by element, 7-26x slower.
@@ -108,9 +152,13 @@ def train(model: MLP, images: torch.Tensor, labels: torch.Tensor, params: TrainP
                 loss.backward()
                 optimizer.step()
                 # Running totals stay on the device: no host synchronisation per step.
+                step_losses[step - 1] = loss.detach()
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
                 progress.update(len(y))
+                if step % PROGRESS_EVERY == 0 or step == steps_per_epoch:
+                    stop_if_diverged(step_losses[checked:step], epoch, checked, optimizer)
+                    checked = step
                 if step % PROGRESS_EVERY == 0:
                     progress.set_postfix(epoch=f"{epoch}/{params.epochs}", loss=f"{loss.item():.4f}")
             row = {"epoch": epoch, "loss": loss_sum.item() / n, "accuracy": correct.item() / n}

@@ -1,5 +1,6 @@
 """Stage evaluate: test-set loss and accuracy, plus the tables behind the per-digit and confusion plots."""
 
+import math
 from pathlib import Path
 
 import torch
@@ -8,7 +9,7 @@ from mnist_pipeline.cores import reserved_cores
 from mnist_pipeline.data import load_mnist, scale_pixels, to_tensors
 from mnist_pipeline.metrics import evaluate, per_class_accuracy
 from mnist_pipeline.model import load_checkpoint
-from mnist_pipeline.stage import run_stage, write_json, write_table
+from mnist_pipeline.stage import PipelineError, run_stage, write_json, write_table
 
 
 def main(data: Path, checkpoint: Path, metrics: Path, per_class: Path, predictions: Path) -> None:
@@ -18,6 +19,8 @@ def main(data: Path, checkpoint: Path, metrics: Path, per_class: Path, predictio
     images, labels = to_tensors(test_images, test_labels, torch.device("cpu"))
     with reserved_cores(torch.get_num_threads()):
         result = evaluate(model, scale_pixels(images), labels)
+    if not math.isfinite(result.loss):
+        raise PipelineError(f"{checkpoint}: the model's test loss is {result.loss} (its outputs overflow); retrain it")
     print(f"test loss {result.loss:.4f}, accuracy {result.accuracy:.4f} ({len(test_labels)} images)")
     write_json({"loss": result.loss, "accuracy": result.accuracy}, metrics)
     accuracies = per_class_accuracy(test_labels, result.predictions)

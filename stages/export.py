@@ -27,6 +27,8 @@ def main(data: Path, checkpoint: Path, metrics: Path, torchscript: Path, program
     with reserved_cores(torch.get_num_threads()):
         with torch.no_grad():
             expected = trained.model(images)
+        if not expected.isfinite().all():
+            raise PipelineError(f"{checkpoint}: the model's outputs on the test images overflow; nothing exported")
         for path, export in ((torchscript, export_torchscript), (program, export_program)):
             difference = export(trained.model, path, images, expected)
             checked = f"{len(images)} test images (max abs diff {difference:.1e})"

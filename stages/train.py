@@ -11,13 +11,14 @@ from mnist_pipeline.data import load_mnist, to_tensors
 from mnist_pipeline.model import MLP, save_checkpoint
 from mnist_pipeline.params import ModelParams, TrainParams, load_params
 from mnist_pipeline.stage import run_stage, write_table
-from mnist_pipeline.training import configure_device, cores_needed, select_device, train
+from mnist_pipeline.training import check_model_fits, configure_device, cores_needed, select_device, train
 
 
 def main(params: Path, data: Path, checkpoint: Path, history: Path) -> None:
     model_params = load_params(params, "model", ModelParams)
     train_params = load_params(params, "train", TrainParams)
     device = select_device(train_params.device)
+    check_model_fits(model_params.hidden_sizes, train_params, device)
     configure_device(train_params, device)
     start = time.perf_counter()
     images, labels = to_tensors(*load_mnist(data, "train"), device)

@@ -1,12 +1,34 @@
 import gzip
 import hashlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
-from conftest import PROJECT, write_mirror
+from conftest import FILES, PROJECT, write_mirror
 
-from mnist_pipeline.download import OFFICIAL_MIRRORS, download_mnist, mirror_list, read_checksums
+from mnist_pipeline import download
+from mnist_pipeline.download import (
+    OFFICIAL_MIRRORS,
+    PUBLISHED_SIZES,
+    download_deadline,
+    download_mnist,
+    mirror_list,
+    read_checksums,
+    size_limit,
+)
 from mnist_pipeline.stage import PipelineError
+
+# How a faulty server answers: given the request's handler, and an event set when the test ends.
+Respond = Callable[[BaseHTTPRequestHandler, threading.Event], None]
 
 
 @pytest.fixture
@@ -112,3 +134,215 @@ def test_a_failure_after_some_files_leaves_no_partial_dataset_and_keeps_the_old_
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["mnist"]
     download_mnist(data, checksums, [directory.as_uri() + "/"])
     assert sorted(p.name for p in data.iterdir()) == sorted(checksums)
+
+
+def test_a_stale_temporary_folder_with_this_pid_does_not_end_up_in_the_dataset(tmp_path, mirror):
+    # What a process killed with SIGKILL leaves, found by a later one with the same pid (containers).
+    directory, checksums = mirror
+    stale = tmp_path / f".data.{os.getpid()}.tmp"
+    stale.mkdir()
+    (stale / "leftover").write_text("from a killed run")
+    (stale / f".train-images-idx3-ubyte.{os.getpid()}.tmp").write_bytes(b"half a file")
+    download_mnist(tmp_path / "data", checksums, [directory.as_uri() + "/"])
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(checksums)
+    assert not stale.exists()
+
+
+def test_the_deadline_defaults_to_300_s_and_takes_fractions():
+    assert download_deadline(None) == download_deadline("") == 300
+    assert download_deadline("2.5") == 2.5
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "inf", "nan", "1e999"])
+def test_a_bad_deadline_is_one_line_naming_the_variable_and_the_value(value):
+    with pytest.raises(PipelineError) as error:
+        download_deadline(value)
+    assert str(error.value) == (
+        f"MNIST_DOWNLOAD_DEADLINE must be a positive number of seconds for each file (default 300), got {value!r}"
+    )
+
+
+def test_the_size_limit_is_the_published_size_or_for_other_names_the_largest():
+    assert size_limit("train-labels-idx1-ubyte") == 60008
+    assert size_limit("emnist-letters-train-images-idx3-ubyte") == max(PUBLISHED_SIZES.values()) == 47040016
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Respond], str]]:
+    """Start loopback HTTP servers that answer every GET with a `Respond`; return each one's URL.
+
+    At the end of the test, the event given to the responses is set (a stalled one returns),
+    and every server is stopped.
+    """
+    release = threading.Event()
+    servers = []
+
+    def start(respond: Respond) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with suppress(OSError):  # the client gave up on this server, as the tests expect
+                    respond(self, release)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/"
+
+    yield start
+    release.set()
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def send_headers(handler: BaseHTTPRequestHandler, length: int) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(length))
+    handler.end_headers()
+
+
+def trickle(body: bytes) -> Respond:
+    """A server that sends `body` one byte every 0.2 s: each read gets something, the file never ends."""
+
+    def respond(handler: BaseHTTPRequestHandler, release: threading.Event) -> None:
+        send_headers(handler, len(body))
+        for index in range(len(body)):
+            if release.wait(0.2):
+                return
+            handler.wfile.write(body[index : index + 1])
+
+    return respond
+
+
+def stall(body: bytes) -> Respond:
+    """A server that sends the headers and half of `body`, then nothing until the test ends."""
+
+    def respond(handler: BaseHTTPRequestHandler, release: threading.Event) -> None:
+        send_headers(handler, len(body))
+        handler.wfile.write(body[: len(body) // 2])
+        release.wait()
+
+    return respond
+
+
+@pytest.mark.parametrize("fault", [trickle, stall])
+def test_a_slow_mirror_fails_at_the_deadline_and_the_next_one_is_used(tmp_path, mirror, serve, capsys, fault):
+    directory, checksums = mirror
+    name = "train-images-idx3-ubyte"  # one file: each bad mirror costs the whole deadline
+    body = (directory / f"{name}.gz").read_bytes()
+    slow = serve(fault(body))
+    started = time.monotonic()
+    download_mnist(tmp_path / "data", {name: checksums[name]}, [slow, directory.as_uri() + "/"], deadline=1)
+    elapsed = time.monotonic() - started
+    out = capsys.readouterr().out
+    assert f"{name}.gz: {slow}: no complete file within 1 s (MNIST_DOWNLOAD_DEADLINE); trying the next mirror" in out
+    assert f"{name}: verified, from {directory.as_uri()}/" in out
+    assert 1 <= elapsed < 1 + 20  # generous: the machine may be busy
+    assert (tmp_path / "data" / name).read_bytes() == gzip.decompress(body)
+
+
+def test_a_gzip_bomb_is_cut_off_at_the_published_size(tmp_path, mirror, http_root, monkeypatch, capsys):
+    directory, checksums = mirror
+    root, url = http_root
+    name = "train-labels-idx1-ubyte"
+    bomb = gzip.compress(bytes(64 << 20), mtime=0)  # 64 MiB of zeros, 1000 times the published size
+    assert len(bomb) < 100_000
+    (root / "bomb").mkdir(exist_ok=True)
+    (root / "bomb" / f"{name}.gz").write_bytes(bomb)
+    written = []  # the size of each temporary file, as it was when closed
+    atomic_output = download.atomic_output
+
+    @contextmanager
+    def recorded(path: Path, mode: str = "wb") -> Iterator:
+        with atomic_output(path, mode) as file:
+            try:
+                yield file
+            finally:
+                written.append(file.tell())
+
+    monkeypatch.setattr(download, "atomic_output", recorded)
+    download_mnist(tmp_path / "data", {name: checksums[name]}, [f"{url}/bomb/", directory.as_uri() + "/"])
+    out = capsys.readouterr().out
+    assert f"{name}.gz: {url}/bomb/: decompresses to more than the expected 60008 bytes; trying the next mirror" in out
+    assert len(written) == 2 and written[0] <= PUBLISHED_SIZES[name]
+    assert (tmp_path / "data" / name).read_bytes() == gzip.decompress((directory / f"{name}.gz").read_bytes())
+
+
+@pytest.fixture
+def start_stage(tmp_path) -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start `python -m stages.download` as DVC would, from this checkout, into tmp_path/data/mnist.
+
+    Arguments: the checksum table's text, then environment variables (MNIST_MIRROR=...). A stage
+    still running at the end of the test is killed.
+    """
+    stages = []
+
+    def start(checksums: str, **variables: str) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if k not in ("MNIST_MIRROR", "MNIST_DOWNLOAD_DEADLINE", "DVC_ROOT")}
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # leave no __pycache__ in the checkout
+        table, out = tmp_path / "mnist.md5", tmp_path / "data" / "mnist"
+        table.write_text(checksums)
+        stage = subprocess.Popen(
+            [sys.executable, "-m", "stages.download", "--checksums", table, "--out", out],
+            cwd=PROJECT,
+            env=env | variables,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        stages.append(stage)
+        return stage
+
+    yield start
+    for stage in stages:
+        if stage.poll() is None:
+            stage.kill()
+        stage.communicate()
+
+
+def wait_for_partial_file(folder: Path, stage: subprocess.Popen) -> None:
+    """Wait until some decompressed bytes are in a temporary file under `folder`: the stage is mid-download."""
+    give_up = time.monotonic() + 60
+    while not any(f.stat().st_size for f in folder.rglob("*.tmp") if f.is_file()):
+        assert stage.poll() is None, f"the stage ended ({stage.returncode}) before writing: {stage.communicate()}"
+        assert time.monotonic() < give_up, "no temporary file with data after 60 s"
+        time.sleep(0.05)
+
+
+def test_the_stage_reports_a_bad_deadline_in_one_line(synthetic_mirror, start_stage):
+    directory, checksums = synthetic_mirror
+    stage = start_stage(checksums, MNIST_MIRROR=str(directory), MNIST_DOWNLOAD_DEADLINE="soon")
+    _, stderr = stage.communicate(timeout=60)
+    assert stage.returncode == 1
+    assert stderr.splitlines() == [
+        "error: MNIST_DOWNLOAD_DEADLINE must be a positive number of seconds for each file (default 300), got 'soon'"
+    ]
+
+
+def test_sigterm_mid_download_exits_143_and_leaves_no_temporary_files(tmp_path, synthetic_mirror, serve, start_stage):
+    directory, checksums = synthetic_mirror
+    stalled = serve(stall((directory / "train-images-idx3-ubyte.gz").read_bytes()))
+    stage = start_stage(checksums, MNIST_MIRROR=stalled)
+    wait_for_partial_file(tmp_path / "data", stage)
+    stage.send_signal(signal.SIGTERM)
+    _, stderr = stage.communicate(timeout=60)
+    assert stage.returncode == 143
+    assert stderr.splitlines() == ["interrupted (SIGTERM)"]
+    assert list((tmp_path / "data").rglob("*")) == []  # no dataset, no temporary file or folder
+
+
+def test_after_sigkill_mid_download_the_next_run_succeeds(tmp_path, synthetic_mirror, serve, start_stage):
+    directory, checksums = synthetic_mirror
+    stalled = serve(stall((directory / "train-images-idx3-ubyte.gz").read_bytes()))
+    stage = start_stage(checksums, MNIST_MIRROR=stalled)
+    wait_for_partial_file(tmp_path / "data", stage)
+    stage.kill()
+    stage.communicate(timeout=60)
+    assert list((tmp_path / "data").glob(".mnist.*.tmp"))  # nothing can clean up after SIGKILL
+    rerun = start_stage(checksums, MNIST_MIRROR=str(directory))
+    _, stderr = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, stderr
+    assert sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir()) == sorted([*FILES["train"], *FILES["test"]])

@@ -1,3 +1,6 @@
+import io
+import re
+
 import pytest
 import torch
 
@@ -46,12 +49,55 @@ def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary files left
 
 
-def test_a_foreign_or_missing_checkpoint_is_a_clear_error(tmp_path):
-    (tmp_path / "other.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(PipelineError, match="other.pt: not a checkpoint written by the train stage"):
-        load_checkpoint(tmp_path / "other.pt")
-    torch.save({"weights": 1}, tmp_path / "dict.pt")
-    with pytest.raises(PipelineError, match="dict.pt: not a checkpoint written by the train stage"):
-        load_checkpoint(tmp_path / "dict.pt")
-    with pytest.raises(PipelineError, match=r"absent.pt: file not found \(run the train stage"):
+def saved(content: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    return buffer.getvalue()
+
+
+def checkpoint_bytes(model: MLP, hidden: list[int]) -> bytes:
+    return saved({"hidden_sizes": hidden, "train_params": {}, "state_dict": model.state_dict()})
+
+
+def diverged_model() -> MLP:
+    model = MLP([8])
+    with torch.no_grad():
+        model.layers[0].weight[0, 0] = float("nan")
+    return model
+
+
+GOOD = checkpoint_bytes(MLP([8]), [8])
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "empty file"),
+        (GOOD[: len(GOOD) // 2], r"damaged or not a checkpoint \(torch.load raised \w+\)"),
+        (bytes(range(256)) * 8, r"damaged or not a checkpoint \(torch.load raised \w+\)"),
+        (b"text, not a checkpoint\n", r"damaged or not a checkpoint \(torch.load raised \w+\)"),
+        # A pickle that would run a shell command if loaded unsafely.
+        (b"cos\nsystem\n(S'echo unsafe'\ntR.", r"damaged or not a checkpoint \(torch.load raised \w+\)"),
+        (saved(torch.zeros(3)), r"not a checkpoint of the train stage \(expected a dict of hidden_sizes"),
+        (saved({"weights": 1}), r"not a checkpoint of the train stage \(expected a dict of hidden_sizes"),
+        (checkpoint_bytes(MLP([9]), [8]), r"its weights do not fit the multilayer perceptron with hidden sizes \[8\]"),
+        (checkpoint_bytes(MLP([8]), [10**12]), "its weights do not fit .* hidden sizes \\[1000000000000\\]"),
+        (checkpoint_bytes(MLP([8]), "8"), "hidden_sizes must be a list of positive integers, got '8'"),
+        (checkpoint_bytes(diverged_model(), [8]), "its weights hold NaN or infinite values"),
+    ],
+    ids=["empty", "truncated", "binary", "text", "code", "tensor", "dict", "mismatch", "huge", "sizes", "nan"],
+)
+def test_a_damaged_or_foreign_checkpoint_is_one_line_naming_the_file_and_the_stage(tmp_path, content, reason):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(content)
+    with pytest.raises(PipelineError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert re.fullmatch(rf"{re.escape(str(path))}: {reason}.*; the train stage rewrites it: dvc repro train", message)
+    assert "\n" not in message
+    assert "weights_only" not in message  # torch's advice to load unsafely is not passed on
+
+
+def test_a_missing_checkpoint_names_the_stage_that_writes_it(tmp_path):
+    with pytest.raises(PipelineError, match=r"absent.pt: file not found; the train stage rewrites it: dvc repro train"):
         load_checkpoint(tmp_path / "absent.pt")

@@ -59,21 +59,27 @@ def test_valid_params_load_as_typed_settings(tmp_path):
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("lr: 0.1", "lr: -1", "train.lr must be a positive number, got -1"),
-        ("lr: 0.1", "lr: fast", "train.lr must be a positive number, got 'fast'"),
+        ("lr: 0.1", "lr: -1", "train.lr must be a positive finite number, got -1"),
+        ("lr: 0.1", "lr: fast", "train.lr must be a positive finite number, got 'fast'"),
+        ("lr: 0.1", "lr: .inf", "train.lr must be a positive finite number, got inf"),
+        ("lr: 0.1", "lr: .nan", "train.lr must be a positive finite number, got nan"),
+        ("momentum: 0", "momentum: .nan", r"train.momentum must be a number in \[0, 1\), got nan"),
         ("momentum: 0", "momentum: 1", r"train.momentum must be a number in \[0, 1\), got 1"),
         ("batch_size: 16", "batch_size: 16.5", "train.batch_size must be a positive integer, got 16.5"),
         ("epochs: 2", "epochs: 0", "train.epochs must be a positive integer, got 0"),
         ("epochs: 2", "epochs: true", "train.epochs must be a positive integer, got True"),
-        ("seed: 0", "seed: -3", "train.seed must be a non-negative integer, got -3"),
+        ("seed: 0", "seed: -3", "train.seed must be an integer from 0 to 18446744073709551615, got -3"),
+        ("seed: 0", "seed: 99999999999999999999", "train.seed must be an integer from 0 to 18446744073709551615"),
         ("device: cpu", "device: gpu", "train.device must be one of auto, cpu, cuda, cuda:N, mps, got 'gpu'"),
         ("device: cpu", "device: 'cuda:x'", "train.device must be one of .*, got 'cuda:x'"),
         ("seed: 0", "sed: 0", "unknown parameter train.sed"),
         ("optimizer: sgd", "optimizer: adam", "train.optimizer must be sgd or adamw, got 'adam'"),
         ("schedule: constant", "schedule: cosine", "train.schedule must be constant or onecycle, got 'cosine'"),
         ("precision: fp32", "precision: fp16", "train.precision must be fp32 or bf16, got 'fp16'"),
-        ("num_threads: 0", "num_threads: -1", r"train.num_threads must be a non-negative integer \(0: all cores\)"),
-        ("weight_decay: 0", "weight_decay: -0.1", "train.weight_decay must be a non-negative number, got -0.1"),
+        ("num_threads: 0", "num_threads: -1", r"train.num_threads must be an integer from 0 \(all cores\) to \d+"),
+        ("num_threads: 0", "num_threads: 100000", r"to \d+ \(this machine's cores\), got 100000"),
+        ("weight_decay: 0", "weight_decay: -0.1", "train.weight_decay must be a non-negative finite number, got -0.1"),
+        ("weight_decay: 0", "weight_decay: .inf", "train.weight_decay must be a non-negative finite number, got inf"),
         ("label_smoothing: 0", "label_smoothing: 1", r"train.label_smoothing must be a number in \[0, 1\), got 1"),
         ("  seed: 0\n", "", "missing parameter train.seed"),
     ],
@@ -83,6 +89,19 @@ def test_bad_train_params_name_the_parameter_and_what_was_expected(tmp_path, old
     with pytest.raises(PipelineError, match=message) as error:
         load_params(path, "train", TrainParams)
     assert str(error.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize(
+    ("written", "value"), [("1e-3", 0.001), ("2E+2", 200.0), ("-1e3", -1000.0), ("1.5e-3", 0.0015)]
+)
+def test_numbers_in_exponent_notation_are_numbers_as_dvc_reads_them(tmp_path, written, value):
+    # `dvc exp run -S train.lr=0.001` writes `lr: 1e-3`, a string to YAML 1.1 (PyYAML's default).
+    path = write(tmp_path, VALID.replace("weight_decay: 0", f"weight_decay: {written}"))
+    if value < 0:
+        with pytest.raises(PipelineError, match=f"weight_decay must be a non-negative finite number, got {value}"):
+            load_params(path, "train", TrainParams)
+    else:
+        assert load_params(path, "train", TrainParams).weight_decay == value
 
 
 def test_bad_hidden_sizes(tmp_path):

@@ -100,7 +100,9 @@ def test_bad_params_fail_with_one_line_and_write_nothing(tmp_path):
     set_params(project, lr=-1)
     result = run(project, *stage_command(project, "train"), check=False)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == ["error: params.yaml: train.lr must be a positive number, got -1"]
+    assert result.stderr.strip().splitlines() == [
+        "error: params.yaml: train.lr must be a positive finite number, got -1"
+    ]
     assert not (project / "models" / "checkpoint.pt").exists()
 
 

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -8,11 +9,19 @@ from conftest import PROJECT, TRAIN_PARAMS, synthetic_split
 
 from mnist_pipeline.data import to_tensors
 from mnist_pipeline.model import MLP
+from mnist_pipeline.optim import Optimizer
 from mnist_pipeline.params import TrainParams
 from mnist_pipeline.stage import PipelineError
-from mnist_pipeline.training import configure_device, select_device, train
+from mnist_pipeline.training import (
+    PROGRESS_EVERY,
+    check_model_fits,
+    configure_device,
+    cpu_has_native_bf16,
+    select_device,
+    train,
+)
 
-BF16_CPU = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+BF16_CPU = cpu_has_native_bf16()
 
 
 def fit(params: TrainParams = TRAIN_PARAMS) -> tuple[MLP, object]:
@@ -74,9 +83,65 @@ def test_num_threads_is_applied_and_bf16_needs_cpu_support(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    capabilities = torch.cpu.get_capabilities()
+    monkeypatch.setattr(
+        torch.cpu, "get_capabilities", lambda: {**capabilities, "avx512_bf16": False, "amx_bf16": False}
+    )
     with pytest.raises(PipelineError, match="train.precision is bf16 but this CPU has no native bf16 support"):
         configure_device(dataclasses.replace(TRAIN_PARAMS, precision="bf16"), torch.device("cpu"))
+
+
+class FailsAtCall(MLP):
+    """An MLP whose `failing_call`-th forward pass (counted from 1) returns NaN logits."""
+
+    def __init__(self, failing_call: int) -> None:
+        super().__init__([32])
+        self.calls = 0
+        self.failing_call = failing_call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        logits = super().forward(x)
+        return logits * float("nan") if self.calls == self.failing_call else logits
+
+
+@pytest.mark.parametrize(
+    ("failing_call", "epoch", "step"),
+    # 320 images in batches of 32: 10 steps an epoch. PROGRESS_EVERY is 100, so the divergence is
+    # found at a readout after it, and still named at the step where it happened.
+    [(1, 1, 1), (7, 1, 7), (10, 1, 10), (11, 2, 1), (105, 11, 5), (PROGRESS_EVERY + 1, 11, 1)],
+)
+def test_a_nan_loss_stops_training_naming_the_epoch_step_and_learning_rate(failing_call, epoch, step):
+    images, labels = to_tensors(*synthetic_split(320, seed=0), torch.device("cpu"))
+    model = FailsAtCall(failing_call)
+    params = dataclasses.replace(TRAIN_PARAMS, epochs=20, lr=0.02, schedule="onecycle")
+    with pytest.raises(PipelineError) as error:
+        train(model, images, labels, params)
+    lr = Optimizer([], params, 200).lr_at(failing_call - 1)
+    assert str(error.value) == (
+        f"params.yaml: training diverged at epoch {epoch}, step {step}: the loss is nan "
+        f"(learning rate {lr:g}); lower train.lr"
+    )
+    assert model.calls < failing_call + PROGRESS_EVERY  # stopped at the first readout after it
+
+
+def test_a_learning_rate_that_blows_up_stops_training_at_the_first_bad_step():
+    images, labels = to_tensors(*synthetic_split(320, seed=0), torch.device("cpu"))
+    torch.manual_seed(1)
+    with pytest.raises(PipelineError, match=r"diverged at epoch 1, step 2: the loss is nan \(learning rate 1e\+30\)"):
+        train(MLP([32]), images, labels, dataclasses.replace(TRAIN_PARAMS, lr=1e30, momentum=0.0))
+
+
+def test_a_model_too_big_for_the_device_is_refused_before_allocating():
+    params = TRAIN_PARAMS  # sgd with momentum: weights, gradients and one buffer, 12 bytes a weight
+    check_model_fits([520, 320, 240, 120], params, torch.device("cpu"))
+    with pytest.raises(PipelineError) as error:
+        check_model_fits([10**12], params, torch.device("cpu"))
+    assert re.fullmatch(
+        r"params.yaml: model.hidden_sizes \[1000000000000\] makes 795,000,000,000,010 weights, which need at "
+        r"least 8,884,\d{3}.\d GiB to train; this cpu device has [\d,.]+ GiB",
+        str(error.value),
+    )
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="mallopt is glibc's")
