@@ -36,6 +36,7 @@ PUBLISHED_SIZES = {
 }
 DEADLINE_VARIABLE = "MNIST_DOWNLOAD_DEADLINE"
 DEFAULT_DEADLINE_SECONDS = 300.0
+MAX_DEADLINE_SECONDS = 86_400.0  # a day: beyond it a download is stuck, not slow
 CHUNK_SIZE = 1 << 20
 # The longest wait for any one read (connecting, headers, each piece of the body): a silent
 # server fails its mirror after this long even when the file's deadline is further away.
@@ -78,10 +79,10 @@ def download_deadline(value: str | None) -> float:
         seconds = float(value)
     except ValueError:
         seconds = math.nan
-    if not 0 < seconds < math.inf:
+    if not 0 < seconds <= MAX_DEADLINE_SECONDS:
         raise PipelineError(
-            f"{DEADLINE_VARIABLE} must be a positive number of seconds for each file "
-            f"(default {DEFAULT_DEADLINE_SECONDS:g}), got {value!r}"
+            f"{DEADLINE_VARIABLE} must be a number of seconds for each file above 0 and up to "
+            f"{MAX_DEADLINE_SECONDS:g} (default {DEFAULT_DEADLINE_SECONDS:g}), got {value!r}"
         )
     return seconds
 

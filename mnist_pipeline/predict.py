@@ -126,7 +126,8 @@ def decoding() -> Iterator[None]:
             raise ValueError("not an image format Pillow can read") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ValueError(
-                f"image too large: over {megapixels(Image.MAX_IMAGE_PIXELS)}, the limit is {megapixels(MAX_PIXELS)}"
+                f"image too large: its header declares over {megapixels(Image.MAX_IMAGE_PIXELS)}, "
+                f"the limit is {megapixels(MAX_PIXELS)}"
             ) from None
         # Anything else too, but only from Pillow's calls in the block. Its plugins parse most formats
         # in Python, so a hostile file makes them raise whatever the parsing trips over: OSError for
