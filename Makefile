@@ -3,13 +3,18 @@
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: setup repro test lint format fast best sweep bench
+.PHONY: setup repro test lint format fast best sweep bench report
 
 # Bytecode is compiled once here: every stage starts a fresh interpreter, and containers often
 # set PYTHONDONTWRITEBYTECODE, so without it each one compiles torch's and DVC's sources again.
 # (Not as a uv setting: then every `uv run` checks all 12,000 files again, 0.6 s a command.)
-setup: $(UV)
+setup: $(UV) .dvc/tmp/offline-plots.html
 	$(UV) sync --frozen --compile-bytecode
+
+# The page template that .dvc/config gives `dvc plots show/diff`: vega inline, so the pages need no network.
+.dvc/tmp/offline-plots.html: uv.lock mnist_pipeline/report.py | $(UV)
+	$(UV) sync --frozen --compile-bytecode
+	$(RUN) python -m mnist_pipeline.report template $@
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -28,6 +33,10 @@ sweep: setup
 	$(RUN) dvc exp run --queue $(addprefix -S ,$(shell grep -v '^#' recipes/sweep.txt))
 	$(RUN) dvc exp run --run-all --jobs 2
 	$(RUN) dvc exp show --only-changed
+
+# Every plot (the workspace against HEAD) as a PNG, with the experiments and metrics as markdown.
+report: setup
+	$(RUN) python -m mnist_pipeline.report report report
 
 bench: setup
 	$(RUN) python benchmarks/bench.py

@@ -143,13 +143,13 @@ def make_scratch(parent: Path) -> Scratch:
     return scratch
 
 
-def torch_import_seconds(importtime: str) -> float:
-    """Cumulative time of `import torch` from the stderr of `python -X importtime`."""
+def import_seconds(importtime: str, module: str) -> float:
+    """Cumulative time of `import <module>` from the stderr of `python -X importtime`."""
     for line in importtime.splitlines():
         fields = line.removeprefix("import time:").split("|")
-        if len(fields) == 3 and fields[2].strip() == "torch":
+        if len(fields) == 3 and fields[2].strip() == module:
             return int(fields[1]) / 1e6
-    raise ValueError("no `import torch` in the -X importtime output")
+    raise ValueError(f"no `import {module}` in the -X importtime output")
 
 
 def run_tutorial(scratch: Scratch) -> dict:
@@ -177,19 +177,20 @@ def run_variant(scratch: Scratch, name: str) -> dict:
     checkpoint = str(work / "checkpoint.pt")
     train = scratch.run(
         *(sys.executable, "-X", "importtime", "-m", "stages.train", "--params", str(work / "params.yaml")),
-        *("--data", "data/mnist", "--checkpoint", checkpoint, "--history", str(work / "history.csv")),
+        *("--data", "data/mnist", "--checkpoint", checkpoint, "--live", str(work / "live")),
     )
     evaluate = scratch.run(
         *(sys.executable, "-m", "stages.evaluate", "--data", "data/mnist", "--checkpoint", checkpoint),
-        *("--metrics", str(work / "eval.json"), "--per-class", str(work / "per_class.csv")),
-        *("--predictions", str(work / "predictions.csv")),
+        *("--metrics", str(work / "eval.json"), "--per-digit", str(work / "per_digit.csv")),
+        *("--confusions", str(work / "confusions.csv"), "--mistakes", str(work / "mistakes.png")),
     )
     # The stage prints "training on ..." right before its first step.
     first_step = next(seconds for seconds, line in train.lines if line.startswith("training on"))
     return {
         "wall": train.wall + evaluate.wall,
         "train": train.number(r"^trained \d+ epochs in ([\d.]+) s"),
-        "startup": first_step - torch_import_seconds(train.stderr),
+        "startup": first_step - import_seconds(train.stderr, "torch"),
+        "dvclive": import_seconds(train.stderr, "dvclive"),
         "rss": max(train.rss, evaluate.rss),
         "accuracy": evaluate.number(r"accuracy ([\d.]+)"),
         "images": params["train"]["epochs"] * TRAIN_IMAGES,
@@ -224,7 +225,7 @@ def run_parallel(scratch: Scratch) -> dict:
     def command(name: str) -> list[str]:
         return [
             *(sys.executable, "-m", "stages.train", "--params", ".bench/two-epochs.yaml", "--data", "data/mnist"),
-            *("--checkpoint", f".bench/{name}.pt", "--history", f".bench/{name}.csv"),
+            *("--checkpoint", f".bench/{name}.pt", "--live", f".bench/{name}"),
         ]
 
     alone = scratch.run(*command("alone")).wall
@@ -330,14 +331,15 @@ def render(results: dict[str, list], runs: int) -> str:
         )
     if "default" in results:
         rows = [
-            "| train + evaluate stages | wall s | train s | start-up s | samples/s | peak RSS MB | accuracy |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| train + evaluate stages | wall s | train s | start-up s | of it, DVCLive's import | samples/s "
+            "| peak RSS MB | accuracy |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name in VARIANTS:
             samples = statistics.median(column(name, "images")) / statistics.median(column(name, "train"))
             rows.append(
                 f"| {name} | {spread(column(name, 'wall'))} | {spread(column(name, 'train'), 2)} | "
-                f"{spread(column(name, 'startup'), 2)} | {samples:,.0f} | "
+                f"{spread(column(name, 'startup'), 2)} | {spread(column(name, 'dvclive'), 2)} | {samples:,.0f} | "
                 f"{statistics.median(column(name, 'rss')) / 2**20:,.0f} | "
                 f"{statistics.median(column(name, 'accuracy')):.4f} |"
             )

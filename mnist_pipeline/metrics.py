@@ -1,4 +1,4 @@
-"""Test-set loss and accuracy, computed per sample."""
+"""Test-set loss and accuracy, computed per sample, and the per-digit error rates."""
 
 from dataclasses import dataclass
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_pipeline.data import NUM_CLASSES
+from mnist_pipeline.data import NUM_CLASSES, scale_pixels
 
 EVAL_BATCH_SIZE = 1000
 
@@ -17,24 +17,28 @@ class Evaluation:
     loss: float  # mean cross-entropy per sample
     accuracy: float  # fraction of samples classified correctly, in [0, 1]
     predictions: np.ndarray  # predicted class of each sample
+    losses: np.ndarray  # cross-entropy of each sample
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Evaluation:
-    """Sum the per-sample losses and divide by the number of samples (not by the number of batches)."""
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    predictions = []
+    """Sum the per-sample losses and divide by the number of samples (not by the number of batches).
+
+    uint8 images are scaled batch by batch, so a whole training set never sits in memory as floats.
+    """
+    losses, predictions = [], []
     for first in range(0, len(images), EVAL_BATCH_SIZE):
-        logits = model(images[first : first + EVAL_BATCH_SIZE])
-        target = labels[first : first + EVAL_BATCH_SIZE]
-        loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
+        batch = images[first : first + EVAL_BATCH_SIZE]
+        logits = model(scale_pixels(batch) if batch.dtype == torch.uint8 else batch)
+        losses.append(F.cross_entropy(logits.float(), labels[first : first + EVAL_BATCH_SIZE], reduction="none"))
         predictions.append(logits.argmax(1))
-    predicted = torch.cat(predictions)
+    loss, predicted = torch.cat(losses), torch.cat(predictions)
     n = len(labels)
     return Evaluation(
-        loss=loss_sum.item() / n,
+        loss=loss.double().sum().item() / n,
         accuracy=(predicted == labels).sum().item() / n,
-        predictions=predicted.numpy(),
+        predictions=predicted.cpu().numpy(),
+        losses=loss.cpu().numpy(),
     )
 
 

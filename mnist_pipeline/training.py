@@ -6,12 +6,14 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from mnist_pipeline.data import IMAGE_SIZE, NUM_CLASSES, scale_pixels
+from mnist_pipeline.metrics import evaluate
 from mnist_pipeline.model import MLP
 from mnist_pipeline.optim import Optimizer
 from mnist_pipeline.params import TrainParams
@@ -115,11 +117,15 @@ def stop_if_diverged(losses: torch.Tensor, epoch: int, steps_before: int, optimi
         )
 
 
-def train(model: MLP, images: torch.Tensor, labels: torch.Tensor, params: TrainParams) -> dict[str, list[float]]:
-    """Minimize cross-entropy on uint8 `images` [N, 784].
+def train(
+    model: MLP, images: torch.Tensor, labels: torch.Tensor, params: TrainParams, report: Callable[[dict], None]
+) -> None:
+    """Minimize cross-entropy on uint8 `images` [N, 784], passing `report` a row per epoch.
 
-    Returns columns with a value per epoch: the epoch, and the mean loss and the accuracy on
-    the batches it trained on.
+    A row holds the epoch, the mean loss and the accuracy on the batches it trained on
+    ("train/loss", "train/accuracy") and the learning rate of its last step ("lr"). It starts with
+    epoch 0: the untrained model on all of `images`, and the first step's learning rate, so that
+    a one-epoch run draws a line too.
     """
     device = images.device
     n = len(images)
@@ -127,9 +133,11 @@ def train(model: MLP, images: torch.Tensor, labels: torch.Tensor, params: TrainP
     optimizer = Optimizer(list(model.parameters()), params, params.epochs * steps_per_epoch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=params.precision == "bf16")
     shuffle = torch.Generator().manual_seed(params.seed)
-    history: dict[str, list[float]] = {"epoch": [], "loss": [], "accuracy": []}
     model.train()
     started = time.perf_counter()
+    initial = evaluate(model, images, labels)
+    report({"epoch": 0, "train/loss": initial.loss, "train/accuracy": initial.accuracy, "lr": optimizer.lr()})
+    reporting = time.perf_counter() - started
     with tqdm(total=params.epochs * n, unit="img", unit_scale=True, desc="train") as progress:
         for epoch in range(1, params.epochs + 1):
             start = time.perf_counter()
@@ -161,14 +169,22 @@ def train(model: MLP, images: torch.Tensor, labels: torch.Tensor, params: TrainP
                     checked = step
                 if step % PROGRESS_EVERY == 0:
                     progress.set_postfix(epoch=f"{epoch}/{params.epochs}", loss=f"{loss.item():.4f}")
-            row = {"epoch": epoch, "loss": loss_sum.item() / n, "accuracy": correct.item() / n}
-            for column, value in row.items():
-                history[column].append(value)
+            row = {
+                "epoch": epoch,
+                "train/loss": loss_sum.item() / n,
+                "train/accuracy": correct.item() / n,
+                "lr": optimizer.lr_at(optimizer.steps_taken - 1),
+            }
+            trained = time.perf_counter()
             progress.write(
-                f"epoch {epoch}/{params.epochs}: loss {row['loss']:.4f}, "
-                f"accuracy {row['accuracy']:.4f}, {time.perf_counter() - start:.1f} s"
+                f"epoch {epoch}/{params.epochs}: loss {row['train/loss']:.4f}, "
+                f"accuracy {row['train/accuracy']:.4f}, {trained - start:.1f} s"
             )
-    seconds = time.perf_counter() - started
-    print(f"trained {params.epochs} epochs in {seconds:.2f} s ({params.epochs * n / seconds:,.0f} img/s)")
+            report(row)
+            reporting += time.perf_counter() - trained
+    seconds = time.perf_counter() - started - reporting
+    print(
+        f"trained {params.epochs} epochs in {seconds:.2f} s ({params.epochs * n / seconds:,.0f} img/s), "
+        f"plus {reporting:.2f} s of per-epoch evaluation"
+    )
     model.eval()
-    return history

@@ -20,7 +20,7 @@ from conftest import copy_project, run, set_params, stage_command
 
 OUTPUTS = (
     "models/checkpoint.pt",
-    "metrics/train_history.csv",
+    "metrics/train/metrics.json",
     "metrics/eval.json",
     "models/model.pt",
     "models/model.pt2",

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mnist_pipeline.metrics import EVAL_BATCH_SIZE, evaluate, per_class_accuracy
+from mnist_pipeline.mistakes import BACKGROUND, CAPTION, COLUMNS, GAP, SCALE, mistakes_grid, worst
 
 
 class FixedLogits(nn.Module):
@@ -56,3 +57,32 @@ def test_per_class_accuracy():
     accuracy = per_class_accuracy(labels, predictions)
     assert accuracy[:3].tolist() == [0.5, 2 / 3, 1.0]
     assert np.isnan(accuracy[3:]).all() and len(accuracy) == 10
+
+
+def test_evaluation_reports_each_samples_loss_and_scales_uint8_images_itself():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    images = torch.randint(0, 256, (EVAL_BATCH_SIZE + 3, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (EVAL_BATCH_SIZE + 3,))
+    from_uint8 = evaluate(model, images, labels)
+    from_float = evaluate(model, images.float() / 255, labels)
+    assert from_uint8.losses.tolist() == from_float.losses.tolist()
+    expected = torch.nn.functional.cross_entropy(model(images.float() / 255), labels, reduction="none")
+    np.testing.assert_allclose(from_uint8.losses, expected.detach().numpy(), rtol=1e-6)
+    assert from_uint8.loss == pytest.approx(from_uint8.losses.astype(np.float64).mean(), rel=1e-9)
+
+
+def test_the_mistakes_grid_shows_the_highest_losses_first_with_their_labels():
+    losses = np.array([0.1, 5.0, 0.2, 5.0, 3.0])
+    assert worst(losses, 3).tolist() == [1, 3, 4]  # ties keep their order
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8)
+    labels, predictions, losses = np.arange(60) % 10, (np.arange(60) + 1) % 10, rng.random(60)
+    grid = np.asarray(mistakes_grid(images, labels, predictions, losses))
+    side = 28 * SCALE
+    assert grid.shape == (5 * (side + CAPTION + GAP) + GAP, COLUMNS * (side + GAP) + GAP, 3)  # COUNT = 40 tiles
+    # The first tile is the highest-loss digit, scaled up pixel for pixel, under its caption.
+    top = int(np.argmax(losses))
+    tile = grid[GAP + CAPTION : GAP + CAPTION + side, GAP : GAP + side, 0]
+    assert np.array_equal(tile, images[top].repeat(SCALE, axis=0).repeat(SCALE, axis=1))
+    caption = grid[GAP : GAP + CAPTION, GAP : GAP + side]
+    assert (caption != BACKGROUND).any()  # the caption's text

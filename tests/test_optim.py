@@ -72,7 +72,8 @@ def test_training_leaves_torch_dynamo_unimported():
         "configure_device(TRAIN_PARAMS, select_device('cpu'))\n"
         "images, labels = torch.randint(0, 256, (64, 784), dtype=torch.uint8), torch.randint(0, 10, (64,))\n"
         "for kind in ('sgd', 'adamw'):\n"
-        "    train(MLP([16]), images, labels, dataclasses.replace(TRAIN_PARAMS, optimizer=kind, schedule='onecycle'))\n"
+        "    params = dataclasses.replace(TRAIN_PARAMS, optimizer=kind, schedule='onecycle')\n"
+        "    train(MLP([16]), images, labels, params, lambda row: None)\n"
         "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor'))))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PROJECT)

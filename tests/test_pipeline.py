@@ -2,12 +2,17 @@
 
 import json
 import math
+import re
 import shutil
+import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from conftest import copy_project, run, set_params, stage_command
+from dvc_render.html import HTML
+from PIL import Image
 
 N_TEST = 200  # images in the synthetic test split (see write_mirror)
 
@@ -40,13 +45,24 @@ def test_repro_writes_metrics_plots_and_models(built):
     assert set(metrics) == {"loss", "accuracy"}
     assert 0.9 < metrics["accuracy"] <= 1.0  # each synthetic class has its own bright patch
     assert 0 < metrics["loss"] < math.log(10)  # better than guessing
-    history = pd.read_csv(project / "metrics" / "train_history.csv")
-    assert history["epoch"].tolist() == [1, 2, 3]
-    per_class = pd.read_csv(project / "metrics" / "per_class.csv")
-    assert per_class["digit"].tolist() == list(range(10))
-    predictions = pd.read_csv(project / "metrics" / "predictions.csv")
-    assert len(predictions) == N_TEST
-    assert (predictions["actual"] == predictions["predicted"]).mean() == metrics["accuracy"]
+    # DVCLive's files: a row per epoch from epoch 0 (the untrained model), and the last epoch's figures.
+    live = project / "metrics" / "train"
+    for name in ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr"):
+        curve = pd.read_csv(live / "plots" / "metrics" / f"{name}.tsv", sep="\t")
+        assert curve["step"].tolist() == [0, 1, 2, 3]
+    test_loss = pd.read_csv(live / "plots" / "metrics" / "test" / "loss.tsv", sep="\t")["loss"]
+    assert test_loss.iloc[0] > test_loss.iloc[-1]
+    final = json.loads((live / "metrics.json").read_text())
+    assert final["step"] == 3 and final["lr"] == 0.05
+    assert final["test"] == pytest.approx(metrics)  # the train stage's last test pass is evaluate's figures
+    per_digit = pd.read_csv(project / "metrics" / "per_digit.csv")
+    assert per_digit["digit"].tolist() == list(range(10))
+    confusions = pd.read_csv(project / "metrics" / "confusions.csv")
+    assert (confusions["actual"] != confusions["predicted"]).all()  # only the mistakes
+    assert len(confusions) == round(N_TEST * (1 - metrics["accuracy"]))
+    # 20 test images of each digit (see write_mirror): each mistake is 5% of its digit.
+    assert per_digit["error_percent"].tolist() == [5.0 * (confusions["actual"] == d).sum() for d in range(10)]
+    assert (project / "metrics" / "mistakes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (project / "models" / "checkpoint.pt").stat().st_size > 0
     assert (project / "models" / "model.pt").stat().st_size > 0
     assert (project / "models" / "model.pt2").stat().st_size > 0
@@ -73,8 +89,9 @@ def test_second_repro_runs_nothing(built):
 def test_forced_repro_reproduces_every_output_byte_for_byte(built):
     project, _, url = built
     lock = (project / "dvc.lock").read_bytes()
-    outputs = {p: p.read_bytes() for p in [*(project / "metrics").iterdir(), *(project / "models").glob("*.*")]}
-    assert {p.name for p in outputs} >= {"eval.json", "checkpoint.pt", "model.pt", "model.pt2", "model.json"}
+    files = [*(project / "metrics").rglob("*.*"), *(project / "models").glob("*.*")]
+    outputs = {p: p.read_bytes() for p in files}
+    assert {p.name for p in outputs} >= {"eval.json", "metrics.json", "loss.tsv", "mistakes.png", "model.pt2"}
     result = run(project, "dvc", "repro", "-f", mirror=url)
     assert result.stdout.count("Running stage") == 4
     assert (project / "dvc.lock").read_bytes() == lock
@@ -86,13 +103,89 @@ def test_plots_are_defined_for_dvc(built):
     project, _, _ = built
     result = run(project, "dvc", "plots", "show", "--json")
     plots = json.loads(result.stdout)["data"]
-    titles = {plot[0]["content"]["title"]["text"] for plot in plots.values()}
-    assert titles == {
-        "Training loss per epoch",
-        "Training accuracy per epoch",
-        "Test accuracy per digit",
-        "Confusion matrix (test set)",
+    assert set(plots) == {
+        *(f"metrics/train/plots/metrics/{name}.tsv" for name in ("train/loss", "train/accuracy", "lr")),
+        *(f"metrics/train/plots/metrics/{name}.tsv" for name in ("test/loss", "test/accuracy")),
+        "metrics/per_digit.csv",
+        "metrics/confusions.csv",
+        "metrics/mistakes.png",
     }
+    assert plots["metrics/mistakes.png"][0]["type"] == "image"
+    assert plots["metrics/per_digit.csv"][0]["content"]["title"]["text"] == "Test error per digit (%)"
+    # No confusion plot when there is no mistake to show, as on this easy synthetic data.
+    confusions = project / "metrics" / "confusions.csv"
+    assert len(plots["metrics/confusions.csv"]) == (len(confusions.read_text().splitlines()) > 1)
+
+
+def chromium() -> str:
+    """The Chromium executable, or skip the test saying how to get it."""
+    found = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if found is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
+    return found
+
+
+def rendered(page: Path) -> str:
+    """The DOM of `page` after its scripts ran, in headless Chromium with no network (a dead proxy)."""
+    result = subprocess.run(
+        [
+            chromium(),
+            *("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"),
+            *("--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>"),
+            *("--virtual-time-budget=20000", "--dump-dom", page.as_uri()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return result.stdout
+
+
+def test_the_plots_page_draws_every_plot_with_no_network(built):
+    project, _, _ = built
+    run(project, "python", "-m", "mnist_pipeline.report", "template", ".dvc/tmp/offline-plots.html")  # make setup
+    run(project, "dvc", "plots", "show")
+    page = project / "dvc_plots" / "index.html"
+    views = page.read_text().count("vegaEmbed('#")  # DVC writes one call per plot
+    assert views == 7  # five curves, the per-digit bars and the confusions
+    dom = rendered(page)
+    assert dom.count('data-drawn="true"') == views  # set once vega-embed has drawn the view
+    assert dom.count('class="marks"') == views  # each an SVG...
+    assert dom.count('class="mark-line') >= 5  # ...with the curves' lines drawn
+    assert dom.count('class="mark-rect') >= 1  # and the bars (no confusion cells: no mistakes on this data)
+    [image] = re.findall(r'<img src="(static/[^"]+)"', dom)  # the mistakes grid, a file beside the page
+    assert (project / "dvc_plots" / image).read_bytes() == (project / "metrics" / "mistakes.png").read_bytes()
+    # DVC's own page, which loads vega from a CDN, draws nothing here: the network is really off.
+    (project / "cdn.html").write_text(HTML(None).template)
+    run(project, "dvc", "plots", "show", "--html-template", "cdn.html", "--out", "cdn_plots")
+    assert "data-drawn" not in rendered(project / "cdn_plots" / "index.html")
+    assert "<svg" not in rendered(project / "cdn_plots" / "index.html")
+
+
+def test_report_writes_every_plot_as_an_image_and_a_markdown_summary(built):
+    project, _, _ = built
+    run(project, "python", "-m", "mnist_pipeline.report", "report", "report")  # what `make report` runs
+    plots = json.loads(run(project, "dvc", "plots", "diff", "--json").stdout)["data"]
+    images = sorted((project / "report").glob("*.png"))
+    assert len(images) == sum(len(renderers) for renderers in plots.values())
+    for image in images:
+        with Image.open(image) as picture:
+            assert picture.format == "PNG" and picture.width > 200 and picture.height > 100
+    summary = (project / "report" / "README.md").read_text()
+    assert "## Experiments (`dvc exp show --only-changed`)" in summary
+    assert "| Experiment " in summary  # exp show's markdown table
+    assert "| Path " in summary and "metrics/eval.json" in summary  # metrics diff's
+    assert all(f"]({image.name})" in summary for image in images)
+
+
+def test_exp_show_lists_the_training_and_test_figures(built):
+    project, _, _ = built
+    shown = json.loads(run(project, "dvc", "exp", "show", "--json").stdout)
+    workspace = next(entry for entry in shown if entry["rev"] == "workspace")
+    final = workspace["data"]["metrics"]["metrics/train/metrics.json"]["data"]
+    assert set(final) == {"train", "test", "lr", "step"}
+    assert set(final["train"]) == set(final["test"]) == {"loss", "accuracy"}
 
 
 def test_bad_params_fail_with_one_line_and_write_nothing(tmp_path):
@@ -138,6 +231,9 @@ def test_experiment_with_one_epoch_shows_in_metrics_diff(built):
     run(project, "git", "add", "-A")
     run(project, "git", "commit", "-qm", "baseline")
     run(project, "dvc", "exp", "run", "-S", "train.epochs=1", mirror=url)
+    # A one-epoch run still draws lines: epoch 0 is the untrained model.
+    curve = pd.read_csv(project / "metrics" / "train" / "plots" / "metrics" / "test" / "accuracy.tsv", sep="\t")
+    assert curve["step"].tolist() == [0, 1] and curve["accuracy"].iloc[1] > curve["accuracy"].iloc[0]
     diff = json.loads(run(project, "dvc", "metrics", "diff", "--json").stdout)
     loss = diff["metrics/eval.json"]["loss"]
     assert loss["new"] > loss["old"]  # one epoch instead of three

@@ -1,0 +1,132 @@
+"""Plots that open anywhere: DVC's plot pages with vega bundled in, and `make report`'s images.
+
+    python -m mnist_pipeline.report template .dvc/tmp/offline-plots.html   (make setup)
+    python -m mnist_pipeline.report report report/                          (make report)
+
+`dvc plots show` and `dvc plots diff` write a page that loads vega, vega-lite and vega-embed
+from a CDN, so offline it stays blank. .dvc/config points DVC at the template written here,
+which carries the three libraries inline (from vl-convert-python, pinned in uv.lock).
+"""
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import vl_convert
+
+# DVC's plot templates are Vega-Lite 5 specs.
+VEGA_LITE_VERSION = "5.21"
+
+# Draw every view as SVG (crisp, and its marks can be checked) and mark its div once it is drawn.
+EMBED_WRAPPER = """
+const embedWithCdnFree = window.vegaEmbed;
+window.vegaEmbed = (element, spec, options) =>
+  embedWithCdnFree(element, spec, { ...options, renderer: "svg" }).then((result) => {
+    document.querySelector(element).dataset.drawn = "true";
+    return result;
+  });
+"""
+
+PAGE = """<!DOCTYPE html>
+<html>
+<head>
+  <meta charset="utf-8">
+  {refresh_tag}
+  <title>DVC plots</title>
+  <script>BUNDLE</script>
+  <script>WRAPPER</script>
+  <style>
+    body { font-family: sans-serif; }
+    table { border-spacing: 15px; }
+  </style>
+</head>
+<body>
+  {plot_divs}
+</body>
+</html>
+"""
+
+
+def page_template() -> str:
+    """An HTML template for `dvc plots` with vega, vega-lite and vega-embed inline, for pages that need no network."""
+    bundle = vl_convert.javascript_bundle(vl_version=VEGA_LITE_VERSION)
+    return PAGE.replace("WRAPPER", EMBED_WRAPPER).replace("BUNDLE", bundle.replace("</script", "<\\/script"))
+
+
+def dvc_json(*arguments: str) -> dict:
+    """The JSON that `dvc <arguments> --json` prints."""
+    return json.loads(dvc(*arguments, "--json"))
+
+
+def dvc(*arguments: str) -> str:
+    result = subprocess.run(["dvc", *arguments], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"error: dvc {' '.join(arguments)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def file_name(plot_id: str, suffix: str) -> str:
+    """A file name for a plot's image, from its id (a path or a title)."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", plot_id.removeprefix("metrics/")).strip("-").lower() + suffix
+
+
+def write_report(folder: Path) -> list[Path]:
+    """Every plot of `dvc plots diff` (the workspace against HEAD) as a PNG, and README.md beside them.
+
+    README.md holds `dvc exp show --only-changed --md`, `dvc metrics diff --md` and the images.
+    Returns the images written.
+    """
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    plots = dvc_json("plots", "diff")["data"]
+    images = []
+    for plot_id, renderers in plots.items():
+        for renderer in renderers:
+            if renderer["type"] == "vega":
+                path = folder / file_name(plot_id, ".png")
+                path.write_bytes(vl_convert.vegalite_to_png(renderer["content"], vl_version=VEGA_LITE_VERSION, scale=2))
+                images.append(path)
+            else:  # an image plot: a renderer, and a picture, per revision
+                [revision] = renderer["revisions"]
+                path = folder / file_name(f"{plot_id} {revision}", Path(renderer["url"]).suffix)
+                shutil.copyfile(renderer["url"], path)
+                images.append(path)
+    summary = [
+        "# Experiment report",
+        "",
+        "## Experiments (`dvc exp show --only-changed`)",
+        "",
+        dvc("exp", "show", "--only-changed", "--md").strip(),
+        "",
+        "## Metrics against HEAD (`dvc metrics diff`)",
+        "",
+        dvc("metrics", "diff", "--md").strip() or "No metric changed.",
+        "",
+        "## Plots (`dvc plots diff`: the workspace against HEAD)",
+        "",
+        *(f"![{path.stem}]({path.name})\n" for path in images),
+    ]
+    (folder / "README.md").write_text("\n".join(summary) + "\n")
+    return images
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("template", help="write the offline template for dvc plots").add_argument("path", type=Path)
+    commands.add_parser("report", help="write every plot as a PNG, plus README.md").add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "template":
+        args.path.parent.mkdir(parents=True, exist_ok=True)
+        args.path.write_text(page_template())
+    else:
+        images = write_report(args.folder)
+        print(f"{args.folder / 'README.md'}: {len(images)} plots as images")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
