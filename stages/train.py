@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from dvclive import Live
+from tqdm import tqdm
 
 from mnist_pipeline.cores import reserved_cores
 from mnist_pipeline.data import load_mnist, to_tensors
@@ -53,6 +54,7 @@ def main(params: Path, data: Path, checkpoint: Path, live: Path) -> None:
 def log_epoch(logger: Live, row: dict, model: MLP, test_images: torch.Tensor, test_labels: torch.Tensor) -> None:
     """Log an epoch's training row (see train), and the model's loss and accuracy on the test set, as one step."""
     test = evaluate(model, test_images, test_labels)
+    tqdm.write(f"epoch {row['epoch']}: test loss {test.loss:.4f}, accuracy {test.accuracy:.4f}")  # under the bar
     for name, value in {**row, "test/loss": test.loss, "test/accuracy": test.accuracy}.items():
         if name != "epoch":
             logger.log_metric(name, value)
