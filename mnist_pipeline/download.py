@@ -5,17 +5,15 @@ import http.client
 import math
 import os
 import shutil
-import socket
-import stat
+import signal
 import threading
 import time
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
 
 from tqdm import tqdm
 
@@ -139,8 +137,8 @@ def fetch_verified(url: str, target: Path, md5: str, deadline: float = DEFAULT_D
     expires = time.monotonic() + deadline
     try:
         with (
+            deadline_at(expires),
             urllib.request.urlopen(url, timeout=min(TIMEOUT_SECONDS, deadline)) as response,
-            cut_off_at(response, expires),
             atomic_output(target) as out,
             tqdm(
                 desc=target.name,
@@ -175,7 +173,7 @@ def fetch_verified(url: str, target: Path, md5: str, deadline: float = DEFAULT_D
             if digest.hexdigest() != md5:
                 raise ValueError(f"md5 of decompressed content is {digest.hexdigest()}, expected {md5}")
     except (OSError, http.client.HTTPException, zlib.error, ValueError) as error:
-        # Past the deadline, cut_off_at has closed the connection: whatever broke, that is why.
+        # Past the deadline, deadline_at has interrupted the fetch: whatever broke, that is why.
         if time.monotonic() >= expires:
             raise TimeoutError(f"no complete file within {deadline:g} s ({DEADLINE_VARIABLE})") from error
         raise
@@ -183,33 +181,27 @@ def fetch_verified(url: str, target: Path, md5: str, deadline: float = DEFAULT_D
 
 
 @contextmanager
-def cut_off_at(response: IO[bytes], expires: float) -> Iterator[None]:
-    """Shut the connection behind `response` down at time `expires`, ending any read waiting on it.
+def deadline_at(expires: float) -> Iterator[None]:
+    """Interrupt whatever the block waits for (resolving, connecting, headers, body) at time `expires`.
 
-    A socket timeout bounds each read, not the whole file: a server that sends a byte now and
-    then would never trip it. A response from a local file has no connection and is left alone.
+    A socket timeout bounds each read, not the whole file: a server that sends a byte now and then,
+    of its headers or of its body, would never trip it. SIGALRM interrupts the read where it waits.
+    Without SIGALRM (Windows) or outside the main thread only the per-read timeout applies.
     """
-    descriptor = response.fileno()
-    if not stat.S_ISSOCK(os.fstat(descriptor).st_mode):
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         yield
         return
-    # A duplicate descriptor of the same connection: shutting it down wakes a read blocked on
-    # the response's own, from this other thread, and closing it leaves the response's open.
-    connection = socket.socket(fileno=os.dup(descriptor))
 
-    def shut() -> None:
-        with suppress(OSError):  # the server may have closed it already
-            connection.shutdown(socket.SHUT_RDWR)
+    def expire(received: int, frame: object) -> None:
+        raise TimeoutError("deadline passed")
 
-    timer = threading.Timer(max(0.0, expires - time.monotonic()), shut)
-    timer.daemon = True
-    timer.start()
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(expires - time.monotonic(), 0.001))
     try:
         yield
     finally:
-        timer.cancel()
-        timer.join()
-        connection.close()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def describe(error: Exception) -> str:

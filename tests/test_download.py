@@ -229,7 +229,18 @@ def stall(body: bytes) -> Respond:
     return respond
 
 
-@pytest.mark.parametrize("fault", [trickle, stall])
+def trickle_headers(body: bytes) -> Respond:
+    """A server that sends its status line, then header bytes one every 0.2 s, never reaching the body."""
+
+    def respond(handler: BaseHTTPRequestHandler, release: threading.Event) -> None:
+        handler.wfile.write(b"HTTP/1.0 200 OK\r\n")
+        while not release.wait(0.2):
+            handler.wfile.write(b"X")
+
+    return respond
+
+
+@pytest.mark.parametrize("fault", [trickle, stall, trickle_headers])
 def test_a_slow_mirror_fails_at_the_deadline_and_the_next_one_is_used(tmp_path, mirror, serve, capsys, fault):
     directory, checksums = mirror
     name = "train-images-idx3-ubyte"  # one file: each bad mirror costs the whole deadline
