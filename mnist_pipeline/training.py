@@ -1,7 +1,6 @@
 """Training the MLP with the whole dataset held as tensors on the device."""
 
 import ctypes
-import itertools
 import math
 import os
 import sys
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mnist_pipeline.data import IMAGE_SIZE, NUM_CLASSES, scale_pixels
+from mnist_pipeline.data import scale_pixels
 from mnist_pipeline.metrics import evaluate
 from mnist_pipeline.model import MLP
 from mnist_pipeline.optim import Optimizer
@@ -68,8 +67,8 @@ def cpu_has_native_bf16() -> bool:
 
 def check_model_fits(hidden_sizes: list[int], params: TrainParams, device: torch.device) -> None:
     """Refuse, before allocating anything, a model whose training cannot fit in `device`'s memory."""
-    widths = [IMAGE_SIZE * IMAGE_SIZE, *hidden_sizes, NUM_CLASSES]
-    weights = sum((fan_in + 1) * fan_out for fan_in, fan_out in itertools.pairwise(widths))
+    with torch.device("meta"):  # the model's shapes, without its memory
+        weights = sum(parameter.numel() for parameter in MLP(hidden_sizes).parameters())
     # float32 weights and gradients, the optimizer's state, and bf16 copies of the weights.
     state = {"sgd": 1 if params.momentum else 0, "adamw": 2}[params.optimizer]
     needed = weights * (4 * (2 + state) + (2 if params.precision == "bf16" else 0))
