@@ -13,7 +13,6 @@ setup: $(UV) .dvc/tmp/offline-plots.html
 
 # The page template that .dvc/config gives `dvc plots show/diff`: vega inline, so the pages need no network.
 .dvc/tmp/offline-plots.html: uv.lock mnist_pipeline/report.py | $(UV)
-	$(UV) sync --frozen --compile-bytecode
 	$(RUN) python -m mnist_pipeline.report template $@
 
 .tools/bin/uv:
