@@ -6,6 +6,7 @@ import csv
 import inspect
 import json
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +19,10 @@ class PipelineError(Exception):
     """A mistake the user can fix (bad params, bad data, missing device); printed as one line."""
 
 
+class FailureReported(Exception):
+    """A failure whose line another process (a training rank) has printed already: exit code 1, nothing more."""
+
+
 def run_stage(main: Callable[..., None]) -> None:
     """Run a stage's main() with the paths its command line names, one option per parameter, then exit.
 
@@ -25,7 +30,11 @@ def run_stage(main: Callable[..., None]) -> None:
     is the required option `--per-class PATH`. A PipelineError becomes one line and exit code 1.
     SIGTERM (what `kill`, schedulers and container runtimes send) unwinds like Ctrl-C, so that
     the temporary files of half-written outputs are removed either way.
+
+    In a rank of a distributed training (see distributed.py), an error line names the rank, and
+    an interruption is silent: the process that launched the ranks reports it once.
     """
+    rank = f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: " if "TORCHELASTIC_RUN_ID" in os.environ else None
     signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description=sys.modules[main.__module__].__doc__)
     for name in inspect.signature(main).parameters:
@@ -35,11 +44,14 @@ def run_stage(main: Callable[..., None]) -> None:
     try:
         main(**paths)
     except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {rank or ''}{error}", file=sys.stderr)
+        status = 1
+    except FailureReported:
         status = 1
     except KeyboardInterrupt as interrupt:
         received = interrupt.args[0] if interrupt.args else signal.SIGINT
-        print(f"interrupted ({received.name})", file=sys.stderr)
+        if rank is None:
+            print(f"interrupted ({received.name})", file=sys.stderr)
         status = 128 + received
     # Every output is written and closed by now. Skip the interpreter's teardown, which frees each
     # module and runs the CUDA libraries' destructors: 0.45 s with torch loaded, paid by every stage.
@@ -50,6 +62,14 @@ def run_stage(main: Callable[..., None]) -> None:
 
 def _interrupt(received: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(received))
+
+
+def remove_output(path: Path) -> None:
+    """Remove an output file or folder, if it is there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -8,15 +8,18 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.distributed
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mnist_pipeline.data import scale_pixels
+from mnist_pipeline.distributed import is_rank, rank_and_world
 from mnist_pipeline.metrics import evaluate
 from mnist_pipeline.model import MLP
 from mnist_pipeline.optim import Optimizer
 from mnist_pipeline.params import TrainParams
-from mnist_pipeline.stage import PipelineError
+from mnist_pipeline.stage import FailureReported, PipelineError
 
 PROGRESS_EVERY = 100  # batches between loss readouts: each one waits for the device
 # Training images the untrained model is scored on for epoch 0: as many as the test set has. An
@@ -48,7 +51,8 @@ def configure_device(params: TrainParams, device: torch.device) -> None:
     """Set the process up for training on `device`: threads, memory reuse, determinism, bf16 support."""
     # Set even when it is the default: torch.set_num_threads also turns off MKL's dynamic thread
     # count, which otherwise tears down and recreates OpenMP threads between MKL and other ops.
-    torch.set_num_threads(params.num_threads or torch.get_num_threads())
+    # A rank's share of train.num_threads comes from its launch, in OMP_NUM_THREADS (see distributed.launch).
+    torch.set_num_threads(torch.get_num_threads() if is_rank() else params.num_threads or torch.get_num_threads())
     if device.type == "cpu":
         keep_freed_memory()
         if params.precision == "bf16" and not cpu_has_native_bf16():
@@ -106,10 +110,15 @@ def keep_freed_memory() -> None:
         mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
-def stop_if_diverged(losses: torch.Tensor, epoch: int, steps_before: int, optimizer: Optimizer) -> None:
+def stop_if_diverged(
+    losses: torch.Tensor, epoch: int, steps_before: int, optimizer: Optimizer, reported_by_other: bool = False
+) -> None:
     """Raise a PipelineError if `losses`, the optimizer's latest steps (this epoch's after the
-    first `steps_before`), hold a NaN or an infinity, naming the first of them."""
+    first `steps_before`), hold a NaN or an infinity, naming the first of them; FailureReported
+    instead if `reported_by_other` (a rank other than 0, which says it)."""
     diverged = torch.nonzero(~torch.isfinite(losses))
+    if len(diverged) and reported_by_other:
+        raise FailureReported()
     if len(diverged):
         index = int(diverged[0])
         lr = optimizer.lr_at(optimizer.steps_taken - len(losses) + index)
@@ -120,7 +129,11 @@ def stop_if_diverged(losses: torch.Tensor, epoch: int, steps_before: int, optimi
 
 
 def train(
-    model: MLP, images: torch.Tensor, labels: torch.Tensor, params: TrainParams, report: Callable[[dict], None]
+    model: MLP,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    params: TrainParams,
+    report: Callable[[dict], None] | None,
 ) -> None:
     """Minimize cross-entropy on uint8 `images` [N, 784], passing `report` a row per epoch.
 
@@ -128,19 +141,29 @@ def train(
     ("train/loss", "train/accuracy") and the learning rate of its last step ("lr"). It starts with
     epoch 0: the untrained model on the first INITIAL_SAMPLE images, and the first step's learning
     rate, so that a one-epoch run draws a line too.
+
+    In a distributed training (see distributed.py) every rank calls this with the whole dataset
+    and the same seed, so all draw the same shuffled order; each takes every world-th image of
+    each batch, and DistributedDataParallel averages the ranks' gradients. The batch, and so the
+    optimisation, is the same at any process count. Rank 0 alone reports (the others pass
+    None) and shows progress.
     """
+    rank, world = rank_and_world()
+    lead = report is not None  # rank 0, or the only process
     device = images.device
     n = len(images)
     steps_per_epoch = math.ceil(n / params.batch_size)
     optimizer = Optimizer(list(model.parameters()), params, params.epochs * steps_per_epoch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=params.precision == "bf16")
     shuffle = torch.Generator().manual_seed(params.seed)
+    replica = model if world == 1 else DistributedDataParallel(model)  # its backward averages the gradients
     model.train()
     started = time.perf_counter()
-    initial = evaluate(model, images[:INITIAL_SAMPLE], labels[:INITIAL_SAMPLE])
-    report({"epoch": 0, "train/loss": initial.loss, "train/accuracy": initial.accuracy, "lr": optimizer.lr()})
+    if lead:
+        initial = evaluate(model, images[:INITIAL_SAMPLE], labels[:INITIAL_SAMPLE])
+        report({"epoch": 0, "train/loss": initial.loss, "train/accuracy": initial.accuracy, "lr": optimizer.lr()})
     reporting = time.perf_counter() - started
-    with tqdm(total=params.epochs * n, unit="img", unit_scale=True, desc="train") as progress:
+    with tqdm(total=params.epochs * n, unit="img", unit_scale=True, desc="train", disable=not lead) as progress:
         for epoch in range(1, params.epochs + 1):
             start = time.perf_counter()
             # Shuffled on the CPU so that every device sees the same order.
@@ -153,24 +176,32 @@ def train(
             checked = 0
             for step, first in enumerate(range(0, n, params.batch_size), start=1):
                 batch = order[first : first + params.batch_size]
+                mine = batch if world == 1 else batch[rank::world]
                 # index_select copies whole rows; images[batch] goes element by element, 7-26x slower.
-                x, y = scale_pixels(images.index_select(0, batch)), labels.index_select(0, batch)
+                x, y = scale_pixels(images.index_select(0, mine)), labels.index_select(0, mine)
                 with autocast:
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, y, label_smoothing=params.label_smoothing)
+                    logits = replica(x)
+                    loss = batch_loss(logits, y, len(batch), world, params.label_smoothing)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 # Running totals stay on the device: no host synchronisation per step.
                 step_losses[step - 1] = loss.detach()
-                loss_sum += loss.detach() * len(y)
+                loss_sum += loss.detach() * (len(batch) / world)
                 correct += (logits.argmax(1) == y).sum()
-                progress.update(len(y))
+                progress.update(len(batch))
                 if step % PROGRESS_EVERY == 0 or step == steps_per_epoch:
-                    stop_if_diverged(step_losses[checked:step], epoch, checked, optimizer)
+                    if world > 1:  # the ranks' losses added up: all stop at the same step, and rank 0 says why
+                        torch.distributed.all_reduce(step_losses[checked:step])
+                    stop_if_diverged(step_losses[checked:step], epoch, checked, optimizer, reported_by_other=not lead)
                     checked = step
-                if step % PROGRESS_EVERY == 0:
+                if lead and step % PROGRESS_EVERY == 0:
                     progress.set_postfix(epoch=f"{epoch}/{params.epochs}", loss=f"{loss.item():.4f}")
+            if world > 1:
+                torch.distributed.all_reduce(loss_sum)
+                torch.distributed.all_reduce(correct)
+            if not lead:
+                continue
             row = {
                 "epoch": epoch,
                 "train/loss": loss_sum.item() / n,
@@ -185,8 +216,22 @@ def train(
             report(row)
             reporting += time.perf_counter() - trained
     seconds = time.perf_counter() - started - reporting
-    print(
-        f"trained {params.epochs} epochs in {seconds:.2f} s ({params.epochs * n / seconds:,.0f} img/s), "
-        f"plus {reporting:.2f} s of per-epoch evaluation"
-    )
+    if lead:
+        processes = f" on {world} processes" if world > 1 else ""
+        print(
+            f"trained {params.epochs} epochs{processes} in {seconds:.2f} s ({params.epochs * n / seconds:,.0f} img/s), "
+            f"plus {reporting:.2f} s of per-epoch evaluation"
+        )
     model.eval()
+
+
+def batch_loss(
+    logits: torch.Tensor, labels: torch.Tensor, batch_size: int, world: int, label_smoothing: float
+) -> torch.Tensor:
+    """This process's share of the batch's mean cross-entropy, such that the mean over the `world`
+    processes (DDP averages their gradients) is the batch's mean: with the batch split evenly, as
+    always in one process, the mean over the process's own images."""
+    if len(labels) * world == batch_size:
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    # The last batch, split unevenly: each image counts as one of the whole batch, and a rank may have none.
+    return F.cross_entropy(logits, labels, reduction="sum", label_smoothing=label_smoothing) * (world / batch_size)

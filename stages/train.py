@@ -2,13 +2,16 @@
 
 import dataclasses
 import shutil
+import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from dvclive import Live
 from tqdm import tqdm
 
+from mnist_pipeline import distributed
 from mnist_pipeline.cores import reserved_cores
 from mnist_pipeline.data import load_mnist, to_tensors
 from mnist_pipeline.metrics import evaluate
@@ -23,32 +26,68 @@ def main(params: Path, data: Path, checkpoint: Path, live: Path) -> None:
     train_params = load_params(params, "train", TrainParams)
     device = select_device(train_params.device)
     check_model_fits(model_params.hidden_sizes, train_params, device)
-    configure_device(train_params, device)
-    start = time.perf_counter()
-    images, labels = to_tensors(*load_mnist(data, "train"), device)
-    test_images, test_labels = to_tensors(*load_mnist(data, "test"), device)
-    print(f"loaded {len(images)} training and {len(test_images)} test images in {time.perf_counter() - start:.2f} s")
-    torch.manual_seed(train_params.seed)  # initial weights, made on the CPU so every device starts alike
-    model = MLP(model_params.hidden_sizes).to(device)
+    if distributed.launches_ranks(train_params):
+        # This process only launches the ranks: torchrun runs this stage once per rank, with this command line.
+        # The data is checked here first, so that damaged files are one error, not one per rank.
+        for split in ("train", "test"):
+            load_mnist(data, split)
+        distributed.launch(train_params, device, __spec__.name, sys.argv[1:], outputs=[checkpoint, live])
+        return
+    group = distributed.process_group(train_params, device) if distributed.is_rank() else nullcontext(device)
+    with group as device:  # a rank's own device: its own GPU on CUDA
+        configure_device(train_params, device)
+        start = time.perf_counter()
+        images, labels = to_tensors(*load_mnist(data, "train"), device)
+        test_images, test_labels = to_tensors(*load_mnist(data, "test"), device)
+        torch.manual_seed(train_params.seed)  # initial weights, made on the CPU so every device starts alike
+        model = MLP(model_params.hidden_sizes).to(device)
+        if distributed.rank_and_world()[0] == 0:
+            seconds = time.perf_counter() - start
+            print(f"loaded {len(images)} training and {len(test_images)} test images in {seconds:.2f} s")
+            log_training(model, images, labels, test_images, test_labels, train_params, live)
+            save_checkpoint(model.cpu(), recorded_params(train_params), checkpoint)
+        else:  # the other ranks train alongside rank 0, which alone logs and writes
+            train(model, images, labels, train_params, report=None)
 
+
+def log_training(
+    model: MLP,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    params: TrainParams,
+    live: Path,
+) -> None:
+    """Train, logging each epoch with DVCLive in `live`, which is removed if training does not finish."""
+    device = images.device
     # DVCLive writes live/metrics.json and a TSV per metric under live/plots/metrics after every
     # epoch, which is what `dvc exp show`, the VS Code extension and Studio follow while it trains.
     # dvc.yaml declares these outputs, and DVC makes the experiments: DVCLive does neither.
+    # Other trainings on this machine wait for the reserved cores meanwhile (see cores.py); a rank's
+    # were reserved by the launch, for all ranks at once.
+    cores = nullcontext() if distributed.is_rank() else reserved_cores(cores_needed(device))
     try:
-        with Live(str(live), save_dvc_exp=False, dvcyaml=None) as logger, reserved_cores(cores_needed(device)):
+        with Live(str(live), save_dvc_exp=False, dvcyaml=None) as logger, cores:
+            processes = f" x {distributed.rank_and_world()[1]} processes" if distributed.is_rank() else ""
             print(
-                f"training on {device} ({train_params.precision}, {torch.get_num_threads()} threads): "
-                f"{len(images)} images, {train_params.epochs} epochs, batch {train_params.batch_size}, "
-                f"{train_params.optimizer} lr {train_params.lr} {train_params.schedule}"
+                f"training on {device}{processes} ({params.precision}, {torch.get_num_threads()} threads): "
+                f"{len(images)} images, {params.epochs} epochs, batch {params.batch_size}, "
+                f"{params.optimizer} lr {params.lr} {params.schedule}"
             )
-            # Other trainings on this machine wait for the reserved cores meanwhile: see cores.py.
-            train(
-                model, images, labels, train_params, lambda row: log_epoch(logger, row, model, test_images, test_labels)
-            )
+            train(model, images, labels, params, lambda row: log_epoch(logger, row, model, test_images, test_labels))
     except BaseException:
         shutil.rmtree(live, ignore_errors=True)  # the log of a run that did not finish is not a result
         raise
-    save_checkpoint(model.cpu(), dataclasses.asdict(train_params), checkpoint)
+
+
+def recorded_params(params: TrainParams) -> dict:
+    """The train params the checkpoint records: nproc only above 1, so that one process writes the same
+    bytes as before train.nproc existed."""
+    recorded = dataclasses.asdict(params)
+    if params.nproc == 1:
+        del recorded["nproc"]
+    return recorded
 
 
 def log_epoch(logger: Live, row: dict, model: MLP, test_images: torch.Tensor, test_labels: torch.Tensor) -> None:

@@ -34,6 +34,7 @@ TRAIN_PARAMS = TrainParams(
     device="cpu",
     precision="fp32",
     num_threads=0,
+    nproc=1,
 )
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

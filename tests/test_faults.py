@@ -144,6 +144,7 @@ def test_after_sigkill_the_next_repro_succeeds(downloaded):
     [
         # The rest of the checks are in test_params.py: these two crashed the stage before.
         ("train", "num_threads", 100_000, r"train.num_threads must be an integer from 0 \(all cores\) to \d+"),
+        ("train", "nproc", 10_000, r"train.nproc is 10000 but this machine has \d+ cores \(each process needs one\)"),
         (
             "model",
             "hidden_sizes",

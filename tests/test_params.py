@@ -23,6 +23,7 @@ train:
   device: cpu
   precision: fp32
   num_threads: 0
+  nproc: 1
 """
 
 
@@ -47,6 +48,7 @@ def test_the_project_defaults_are_the_tutorial_setup():
         device="auto",
         precision="fp32",
         num_threads=0,
+        nproc=1,
     )
 
 
@@ -78,6 +80,7 @@ def test_valid_params_load_as_typed_settings(tmp_path):
         ("precision: fp32", "precision: fp16", "train.precision must be fp32 or bf16, got 'fp16'"),
         ("num_threads: 0", "num_threads: -1", r"train.num_threads must be an integer from 0 \(all cores\) to \d+"),
         ("num_threads: 0", "num_threads: 100000", r"to \d+ \(this machine's cores\), got 100000"),
+        ("nproc: 1", "nproc: 0", r"train.nproc must be a positive integer, got 0"),
         ("weight_decay: 0", "weight_decay: -0.1", "train.weight_decay must be a non-negative finite number, got -0.1"),
         ("weight_decay: 0", "weight_decay: .inf", "train.weight_decay must be a non-negative finite number, got inf"),
         ("label_smoothing: 0", "label_smoothing: 1", r"train.label_smoothing must be a number in \[0, 1\), got 1"),

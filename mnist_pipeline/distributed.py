@@ -1,0 +1,196 @@
+"""Training as several processes (ranks), each taking its share of every batch, launched by torchrun.
+
+With train.nproc above 1, the train stage launches itself through torch.distributed.run, the
+module behind the `torchrun` command: torchrun starts train.nproc workers on this machine, each
+running the same stage with RANK, WORLD_SIZE and LOCAL_RANK in its environment. Each worker joins
+the process group (gloo on the CPU, NCCL on CUDA with one GPU per rank) and trains a
+DistributedDataParallel copy of the model (see training.train). Rank 0 alone writes the outputs.
+
+Several machines take three settings from the environment, torchrun's own under our names, since
+they describe the cluster and not the experiment (a params file gives the same optimisation on
+any number of machines, the batch being global):
+    MNIST_NNODES         how many machines train together (default 1)
+    MNIST_NODE_RANK      this machine's place among them, 0 to MNIST_NNODES - 1; machine 0 holds
+                         rank 0, so it writes the outputs: run `dvc exp run` or `dvc repro` there
+    MNIST_RDZV_ENDPOINT  host:port on machine 0 where the ranks meet (torchrun's static rendezvous)
+"""
+
+import logging
+import os
+import re
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed
+import torch.distributed.run
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+from mnist_pipeline.cores import machine_cores, reserved_cores
+from mnist_pipeline.params import TrainParams
+from mnist_pipeline.stage import FailureReported, PipelineError, remove_output
+
+# A rank whose collective breaks waits this long for torchrun to stop it: a rank that dies breaks
+# every other rank's next collective at once, and only the dead rank's failure is worth reporting.
+PEER_FAILURE_GRACE_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The machines (nodes) that train together, from the environment (see the module's docstring)."""
+
+    nnodes: int
+    node_rank: int
+    endpoint: str | None  # host:port; None on one machine, where torchrun picks a free loopback port
+
+
+def cluster() -> Cluster:
+    """The multi-machine settings of the environment, checked; one machine when none are set."""
+    nnodes = _environment_int("MNIST_NNODES", 1, 1, None)
+    node_rank = _environment_int("MNIST_NODE_RANK", 0, 0, nnodes - 1)
+    endpoint = os.environ.get("MNIST_RDZV_ENDPOINT") or None
+    if nnodes > 1 and endpoint is None:
+        raise PipelineError(f"MNIST_NNODES is {nnodes}, so MNIST_RDZV_ENDPOINT must be machine 0's host:port")
+    if endpoint is not None and not re.fullmatch(r"[\w.\-]+:\d+|\[[0-9a-fA-F:]+\]:\d+", endpoint):
+        raise PipelineError(f"MNIST_RDZV_ENDPOINT must be host:port, got {endpoint!r}")
+    return Cluster(nnodes, node_rank, endpoint if nnodes > 1 else None)
+
+
+def _environment_int(name: str, default: int, low: int, high: int | None) -> int:
+    value = os.environ.get(name) or str(default)
+    if not value.isdigit() or int(value) < low or (high is not None and int(value) > high):
+        expected = f"an integer from {low} to {high}" if high is not None else f"an integer from {low}"
+        raise PipelineError(f"{name} must be {expected}, got {value!r}")
+    return int(value)
+
+
+def launches_ranks(params: TrainParams) -> bool:
+    """Whether this process is to launch ranks through torchrun rather than train (see launch)."""
+    return not is_rank() and params.nproc * cluster().nnodes > 1
+
+
+def is_rank() -> bool:
+    """Whether this process is one of the workers that torchrun started (ours or the user's)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks training together: (0, 1) in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def check_launch(params: TrainParams, device: torch.device) -> None:
+    """Refuse a process count that `device` cannot take: one GPU per rank, one core or more per rank on the CPU."""
+    if device.type == "cuda":
+        if device.index is not None:
+            raise PipelineError(
+                f"params.yaml: train.device names one GPU ({device}) but train.nproc is {params.nproc}: "
+                "use device cuda or auto, and each rank takes a GPU of its own"
+            )
+        if params.nproc > torch.cuda.device_count():
+            raise PipelineError(
+                f"params.yaml: train.nproc is {params.nproc} but this machine has {torch.cuda.device_count()} "
+                "CUDA devices (one per process)"
+            )
+    elif device.type != "cpu":
+        raise PipelineError(f"params.yaml: train.nproc above 1 needs a cpu or cuda device, not {device.type}")
+    elif params.nproc > machine_cores():
+        raise PipelineError(
+            f"params.yaml: train.nproc is {params.nproc} but this machine has {machine_cores()} cores "
+            "(each process needs one)"
+        )
+
+
+def launch(params: TrainParams, device: torch.device, module: str, arguments: list[str], outputs: list[Path]) -> None:
+    """Run `python -m module arguments` as params.nproc ranks on this machine through torchrun, and wait.
+
+    The ranks share train.num_threads (0: torch's default, a thread per core) and the cores are
+    reserved for all of them at once (see cores.py). If a rank fails, torchrun stops the others;
+    `outputs` are removed and the failure is one line naming the rank.
+    """
+    check_launch(params, device)
+    nodes = cluster()
+    threads = max(1, (params.num_threads or torch.get_num_threads()) // params.nproc)
+    cores = params.nproc * threads if device.type == "cpu" else params.nproc  # a core drives each GPU
+    # OpenMP in each worker reads this; torchrun itself would set 1 and warn.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if nodes.endpoint is None:
+        rendezvous = ["--standalone"]  # a free port on loopback
+    else:
+        rendezvous = ["--nnodes", str(nodes.nnodes), "--node-rank", str(nodes.node_rank)]
+        rendezvous += ["--rdzv-backend", "static", "--rdzv-endpoint", nodes.endpoint]
+    # torchrun's error files go to a folder of ours, removed afterwards, instead of a new /tmp folder per run.
+    with tempfile.TemporaryDirectory(prefix="mnist-torchrun-") as logs, reserved_cores(cores):
+        ranks = ["--nproc-per-node", str(params.nproc), "--max-restarts", "0", "--log-dir", logs]
+        torchrun = torch.distributed.run.parse_args([*rendezvous, *ranks, "--module", module, *arguments])
+        logging.disable(logging.CRITICAL)  # torchrun's agent logs each rank it stops; the one line below says it
+        try:
+            torch.distributed.run.run(torchrun)
+        except ChildFailedError as failed:
+            for output in outputs:
+                remove_output(output)
+            raise _report(failed.failures, params.nproc * nodes.nnodes) from None
+        except SignalException as stopped:  # torchrun has passed the signal on to the ranks and waited for them
+            for output in outputs:
+                remove_output(output)
+            raise KeyboardInterrupt(signal.Signals(stopped.sigval)) from None
+        except torch.distributed.DistError as error:
+            raise PipelineError(f"MNIST_RDZV_ENDPOINT {nodes.endpoint}: the ranks could not meet ({error})") from None
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+def _report(failures: dict[int, ProcessFailure], world: int) -> Exception:
+    """What to raise for the failed ranks: the first rank that failed on its own, not one stopped because of it.
+
+    A rank that exits with 1 has printed its one line (or a bug's traceback) already. A rank
+    killed by a signal printed nothing. Ranks that exit 128 + N were stopped by signal N: by
+    torchrun, once another rank failed, or from outside.
+    """
+
+    def cause(rank: int) -> tuple[int, int]:
+        code = failures[rank].exitcode
+        return (0 if code == 1 else 1 if code < 0 else 2, failures[rank].timestamp)
+
+    rank = min(failures, key=cause)
+    code = failures[rank].exitcode
+    if code == 1:
+        return FailureReported()
+    if code < 0:
+        reason = f"killed by {failures[rank].signal_name()}"
+    elif code > 128 and code - 128 in signal.valid_signals():
+        reason = f"stopped by {signal.Signals(code - 128).name}"
+    else:
+        reason = f"exited with code {code}"
+    return PipelineError(f"rank {rank} of {world}: {reason}")
+
+
+@contextmanager
+def process_group(params: TrainParams, device: torch.device) -> Iterator[torch.device]:
+    """Join the other ranks for the block: yields this rank's device (its own GPU on CUDA)."""
+    local_ranks = int(os.environ["LOCAL_WORLD_SIZE"])
+    if local_ranks != params.nproc:
+        raise PipelineError(
+            f"params.yaml: train.nproc is {params.nproc} but torchrun started {local_ranks} processes on this machine"
+        )
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device
+    except RuntimeError:
+        # Most likely another rank died and broke this one's collective: torchrun then stops this
+        # rank (SIGTERM, which raises KeyboardInterrupt here) and reports the dead one. A failure of
+        # this rank's own shows up after the grace period.
+        time.sleep(PEER_FAILURE_GRACE_SECONDS)
+        raise
+    torch.distributed.destroy_process_group()

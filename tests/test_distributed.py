@@ -1,0 +1,224 @@
+"""Data-parallel training through torchrun (train.nproc), run as a user runs it: the train stage's own
+command and `dvc exp run`, in a copy of the project on synthetic data, with real ranks on loopback."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import copy_project, run, set_params, stage_command
+
+from mnist_pipeline.distributed import cluster
+from mnist_pipeline.stage import PipelineError
+from mnist_pipeline.training import batch_loss
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="finds the ranks' processes through /proc")
+
+
+@pytest.fixture(scope="module")
+def downloaded(tmp_path_factory, synthetic_mirror):
+    """A committed copy with the synthetic data downloaded, 3 epochs of batches that split unevenly, and its mirror."""
+    directory, checksums = synthetic_mirror
+    project = copy_project(tmp_path_factory.mktemp("distributed"), checksums)
+    set_params(project, epochs=3, batch_size=63, lr=0.1)  # 63 = 32 + 31 images a rank
+    run(project, "dvc", "repro", "download", mirror=str(directory))
+    run(project, "git", "add", "-A")
+    run(project, "git", "commit", "-qm", "data")
+    return project, str(directory)
+
+
+def train(project: Path, check: bool = True, **params: object) -> subprocess.CompletedProcess:
+    """Run the train stage's command with these train params; return the finished process."""
+    set_params(project, **params)
+    try:
+        return run(project, *stage_command(project, "train"), check=check)
+    finally:
+        run(project, "git", "checkout", "--", "params.yaml")
+
+
+def checkpoint(project: Path) -> dict:
+    return torch.load(project / "models" / "checkpoint.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(downloaded):
+    """The checkpoint and training metrics of 1 process, and of 2, with the 2-process run's output."""
+    project, _ = downloaded
+    runs = []
+    for nproc in (1, 2):
+        result = train(project, nproc=nproc)
+        metrics = json.loads((project / "metrics" / "train" / "metrics.json").read_text())
+        steps = (project / "metrics" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
+        runs.append((checkpoint(project), metrics, steps, result))
+    return runs
+
+
+def test_two_processes_train_as_one_does_and_rank_0_alone_writes(one_and_two_processes):
+    (one, one_metrics, _, _), (two, two_metrics, steps, result) = one_and_two_processes
+    # The same batches, the same optimisation: only the order of float additions differs.
+    assert two["train_params"]["nproc"] == 2 and "nproc" not in one["train_params"]
+    for name, weights in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][name], weights, rtol=0, atol=1e-4)
+    assert two_metrics["test"]["accuracy"] == pytest.approx(one_metrics["test"]["accuracy"], abs=0.01)
+    assert two_metrics["train"]["loss"] == pytest.approx(one_metrics["train"]["loss"], rel=1e-3)
+    assert two_metrics["test"]["accuracy"] > 0.9
+    # Rank 0 alone talks and logs: one start line, one row per epoch (and epoch 0).
+    assert [line for line in result.stdout.splitlines() if line.startswith("training on")] == [
+        "training on cpu x 2 processes (fp32, 1 threads): 600 images, 3 epochs, batch 63, sgd lr 0.1 constant"
+    ]
+    assert [row.split("\t")[0] for row in steps.splitlines()] == ["step", "0", "1", "2", "3"]
+    assert "error" not in result.stderr and "Traceback" not in result.stderr
+
+
+def user_environment(**variables: str) -> dict[str, str]:
+    """This environment activated, as a user's shell has it, plus `variables`."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **variables}
+
+
+def start_training(project: Path, **params: object) -> subprocess.Popen:
+    """Start the train stage with these params, and return once it says it is training."""
+    set_params(project, **params)
+    process = subprocess.Popen(
+        stage_command(project, "train"),
+        cwd=project,
+        env=user_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in process.stdout:
+        if line.startswith("training on"):
+            run(project, "git", "checkout", "--", "params.yaml")
+            return process
+    raise AssertionError(f"the train stage ended before training: {process.communicate()}")
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The process of `rank` among those that torchrun started for the stage process `launcher`."""
+    for entry in Path("/proc").iterdir():
+        try:
+            status = (entry / "status").read_text()
+            environment = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"\nPPid:\t{launcher}\n" in status and f"RANK={rank}".encode() in environment:
+            return int(entry.name)
+    raise AssertionError(f"no rank {rank} under process {launcher}")
+
+
+@pytest.mark.parametrize(
+    ("target", "sent", "code", "line"),
+    [
+        ("rank 1", signal.SIGKILL, 1, "error: rank 1 of 2: killed by SIGKILL"),
+        ("launcher", signal.SIGTERM, 143, "interrupted (SIGTERM)"),
+    ],
+)
+def test_a_killed_rank_ends_the_stage_with_one_line_and_no_outputs(downloaded, target, sent, code, line):
+    project, _ = downloaded
+    process = start_training(project, nproc=2, epochs=500)
+    os.kill(process.pid if target == "launcher" else rank_pid(process.pid, int(target[-1])), sent)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code
+    lines = [text for text in stderr.replace("\r", "\n").splitlines() if text and not text.startswith("train:")]
+    assert lines == [line]
+    assert not (project / "models" / "checkpoint.pt").exists()
+    assert not (project / "metrics" / "train").exists()
+
+
+def test_a_diverging_distributed_training_is_one_line_from_rank_0(downloaded):
+    project, _ = downloaded
+    result = train(project, check=False, nproc=2, lr=1e4)
+    assert result.returncode == 1
+    [error] = [text for text in result.stderr.splitlines() if text.startswith("error")]
+    assert error.startswith("error: rank 0 of 2: params.yaml: training diverged at epoch 1, step ")
+    assert "Traceback" not in result.stderr
+    assert not (project / "models" / "checkpoint.pt").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_machines_train_as_two_processes_on_one(downloaded, one_and_two_processes, tmp_path):
+    """Two "machines" on loopback, a process each: machine 0 writes, bit for bit, what one machine
+    with two processes writes (2 ranks of 1 thread either way); machine 1, given paths of its own,
+    writes nothing."""
+    project, _ = downloaded
+    one_machine = one_and_two_processes[1][0]["state_dict"]
+    (project / "models" / "checkpoint.pt").unlink(missing_ok=True)
+    set_params(project, nproc=1, num_threads=1)  # 1 thread a rank, as with 2 processes on 2 cores
+    command = stage_command(project, "train")
+    elsewhere = [str(tmp_path / "checkpoint.pt") if arg == "models/checkpoint.pt" else arg for arg in command]
+    elsewhere = [str(tmp_path / "train") if arg == "metrics/train" else arg for arg in elsewhere]
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [
+        subprocess.Popen(
+            arguments,
+            cwd=project,
+            env=user_environment(MNIST_NNODES="2", MNIST_NODE_RANK=str(rank), MNIST_RDZV_ENDPOINT=endpoint),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank, arguments in enumerate((command, elsewhere))
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    run(project, "git", "checkout", "--", "params.yaml")
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    for name, weights in checkpoint(project)["state_dict"].items():
+        assert torch.equal(weights, one_machine[name]), name
+    assert list(tmp_path.iterdir()) == [] and outputs[1][0] == ""
+
+
+def test_dvc_exp_run_trains_with_two_processes(downloaded):
+    project, mirror = downloaded
+    run(project, "dvc", "exp", "run", "-S", "train.nproc=2", mirror=mirror)
+    shown = json.loads(run(project, "dvc", "exp", "show", "--json").stdout)
+    [experiment] = [exp for commit in shown for exp in commit.get("experiments") or []]
+    [revision] = experiment["revs"]
+    data = revision["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["nproc"] == 2
+    assert data["metrics"]["metrics/eval.json"]["data"]["accuracy"] > 0.9
+    assert checkpoint(project)["train_params"]["nproc"] == 2
+    assert "Data and pipelines are up to date." in run(project, "dvc", "status").stdout
+
+
+@pytest.mark.parametrize(
+    ("environment", "message"),
+    [
+        ({"MNIST_NNODES": "0"}, "MNIST_NNODES must be an integer from 1, got '0'"),
+        ({"MNIST_NNODES": "2"}, "MNIST_NNODES is 2, so MNIST_RDZV_ENDPOINT must be machine 0's host:port"),
+        (
+            {"MNIST_NNODES": "2", "MNIST_NODE_RANK": "2", "MNIST_RDZV_ENDPOINT": "a:1"},
+            "MNIST_NODE_RANK must be an integer from 0 to 1, got '2'",
+        ),
+        ({"MNIST_NNODES": "2", "MNIST_RDZV_ENDPOINT": "host"}, "MNIST_RDZV_ENDPOINT must be host:port, got 'host'"),
+    ],
+)
+def test_bad_cluster_settings_name_the_variable(monkeypatch, environment, message):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(PipelineError) as error:
+        cluster()
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize(("batch", "world"), [(5, 2), (7, 3), (2, 4)])
+def test_shares_of_an_unevenly_split_batch_average_to_the_batch_mean(batch, world):
+    """DDP averages the ranks' gradients: the shares (rank r takes every world-th image, some
+    none) must average to the whole batch's mean loss, and so to its gradient."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(batch, 10), torch.randint(0, 10, (batch,))
+    whole = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    shares = [
+        batch_loss(logits[rank::world], labels[rank::world], batch, world, label_smoothing=0.1) for rank in range(world)
+    ]
+    torch.testing.assert_close(sum(shares) / world, whole)
+    assert batch_loss(logits, labels, batch, 1, 0.1).equal(whole)  # one process: the plain mean, bit for bit
