@@ -36,8 +36,8 @@ from mnist_pipeline.cores import machine_cores, reserved_cores
 from mnist_pipeline.params import TrainParams
 from mnist_pipeline.stage import FailureReported, PipelineError, remove_output
 
-# A rank whose collective breaks waits this long for torchrun to stop it: a rank that dies breaks
-# every other rank's next collective at once, and only the dead rank's failure is worth reporting.
+# A rank that fails because of another waits this long for torchrun to stop it: a rank that dies
+# breaks every other rank's next collective at once, and only the dead rank's failure is worth reporting.
 PEER_FAILURE_GRACE_SECONDS = 30
 
 
@@ -187,10 +187,11 @@ def process_group(params: TrainParams, device: torch.device) -> Iterator[torch.d
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield device
-    except RuntimeError:
-        # Most likely another rank died and broke this one's collective: torchrun then stops this
-        # rank (SIGTERM, which raises KeyboardInterrupt here) and reports the dead one. A failure of
-        # this rank's own shows up after the grace period.
+    except (RuntimeError, FailureReported):
+        # A failure that another rank has, or reports: one that died breaks this rank's collectives,
+        # and rank 0 says why the ranks all stopped (see training.stop_if_diverged). Ending now could
+        # get that rank stopped before it ends or speaks, so wait: torchrun stops this rank (SIGTERM,
+        # a KeyboardInterrupt here) once the other has ended. A failure of this rank's own shows after the wait.
         time.sleep(PEER_FAILURE_GRACE_SECONDS)
         raise
     torch.distributed.destroy_process_group()
