@@ -6,19 +6,21 @@ running the same stage with RANK, WORLD_SIZE and LOCAL_RANK in its environment. 
 the process group (gloo on the CPU, NCCL on CUDA with one GPU per rank) and trains a
 DistributedDataParallel copy of the model (see training.train). Rank 0 alone writes the outputs.
 
-Several machines take three settings from the environment, torchrun's own under our names, since
-they describe the cluster and not the experiment (a params file gives the same optimisation on
-any number of machines, the batch being global):
-    MNIST_NNODES         how many machines train together (default 1)
-    MNIST_NODE_RANK      this machine's place among them, 0 to MNIST_NNODES - 1; machine 0 holds
-                         rank 0, so it writes the outputs: run `dvc exp run` or `dvc repro` there
+Several machines: train.nnodes (a param, since the number of ranks changes the float sums and
+so the bytes of the result) and two settings of the environment, torchrun's own under our
+names, since they differ from machine to machine:
+    MNIST_NODE_RANK      this machine's place among them, 0 to nnodes - 1; machine 0 holds rank 0,
+                         so it writes the outputs: run `dvc exp run` or `dvc repro` there
     MNIST_RDZV_ENDPOINT  host:port on machine 0 where the ranks meet (torchrun's static rendezvous)
 """
 
+import ctypes
+import hashlib
 import logging
 import os
 import re
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -39,40 +41,42 @@ from mnist_pipeline.stage import FailureReported, PipelineError, remove_output
 # A rank that fails because of another waits this long for torchrun to stop it: a rank that dies
 # breaks every other rank's next collective at once, and only the dead rank's failure is worth reporting.
 PEER_FAILURE_GRACE_SECONDS = 30
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 @dataclass(frozen=True)
 class Cluster:
-    """The machines (nodes) that train together, from the environment (see the module's docstring)."""
+    """Where this machine stands among the train.nnodes machines that train together (see the module's docstring)."""
 
-    nnodes: int
     node_rank: int
     endpoint: str | None  # host:port; None on one machine, where torchrun picks a free loopback port
 
 
-def cluster() -> Cluster:
-    """The multi-machine settings of the environment, checked; one machine when none are set."""
-    nnodes = _environment_int("MNIST_NNODES", 1, 1, None)
-    node_rank = _environment_int("MNIST_NODE_RANK", 0, 0, nnodes - 1)
+def cluster(params: TrainParams) -> Cluster:
+    """This machine's multi-machine settings from the environment, checked; none are needed on one machine."""
+    if params.nnodes == 1:
+        return Cluster(0, None)
+    node_rank = _environment_int("MNIST_NODE_RANK", 0, 0, params.nnodes - 1)
     endpoint = os.environ.get("MNIST_RDZV_ENDPOINT") or None
-    if nnodes > 1 and endpoint is None:
-        raise PipelineError(f"MNIST_NNODES is {nnodes}, so MNIST_RDZV_ENDPOINT must be machine 0's host:port")
-    if endpoint is not None and not re.fullmatch(r"[\w.\-]+:\d+|\[[0-9a-fA-F:]+\]:\d+", endpoint):
+    if endpoint is None:
+        raise PipelineError(
+            f"params.yaml: train.nnodes is {params.nnodes}, so MNIST_RDZV_ENDPOINT must be machine 0's host:port"
+        )
+    if not re.fullmatch(r"[\w.\-]+:\d+|\[[0-9a-fA-F:]+\]:\d+", endpoint):
         raise PipelineError(f"MNIST_RDZV_ENDPOINT must be host:port, got {endpoint!r}")
-    return Cluster(nnodes, node_rank, endpoint if nnodes > 1 else None)
+    return Cluster(node_rank, endpoint)
 
 
-def _environment_int(name: str, default: int, low: int, high: int | None) -> int:
+def _environment_int(name: str, default: int, low: int, high: int) -> int:
     value = os.environ.get(name) or str(default)
-    if not value.isdigit() or int(value) < low or (high is not None and int(value) > high):
-        expected = f"an integer from {low} to {high}" if high is not None else f"an integer from {low}"
-        raise PipelineError(f"{name} must be {expected}, got {value!r}")
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise PipelineError(f"{name} must be an integer from {low} to {high}, got {value!r}")
     return int(value)
 
 
 def launches_ranks(params: TrainParams) -> bool:
     """Whether this process is to launch ranks through torchrun rather than train (see launch)."""
-    return not is_rank() and params.nproc * cluster().nnodes > 1
+    return not is_rank() and params.nproc * params.nnodes > 1
 
 
 def is_rank() -> bool:
@@ -117,7 +121,7 @@ def launch(params: TrainParams, device: torch.device, module: str, arguments: li
     `outputs` are removed and the failure is one line naming the rank.
     """
     check_launch(params, device)
-    nodes = cluster()
+    nodes = cluster(params)
     threads = max(1, (params.num_threads or torch.get_num_threads()) // params.nproc)
     cores = params.nproc * threads if device.type == "cpu" else params.nproc  # a core drives each GPU
     # OpenMP in each worker reads this; torchrun itself would set 1 and warn.
@@ -125,19 +129,29 @@ def launch(params: TrainParams, device: torch.device, module: str, arguments: li
     if nodes.endpoint is None:
         rendezvous = ["--standalone"]  # a free port on loopback
     else:
-        rendezvous = ["--nnodes", str(nodes.nnodes), "--node-rank", str(nodes.node_rank)]
+        rendezvous = ["--nnodes", str(params.nnodes), "--node-rank", str(nodes.node_rank)]
         rendezvous += ["--rdzv-backend", "static", "--rdzv-endpoint", nodes.endpoint]
+        print(
+            f"machine {nodes.node_rank} of {params.nnodes}: meeting the others at {nodes.endpoint} "
+            "(torchrun waits up to 10 minutes)",
+            flush=True,
+        )
     # torchrun's error files go to a folder of ours, removed afterwards, instead of a new /tmp folder per run.
     with tempfile.TemporaryDirectory(prefix="mnist-torchrun-") as logs, reserved_cores(cores):
         ranks = ["--nproc-per-node", str(params.nproc), "--max-restarts", "0", "--log-dir", logs]
         torchrun = torch.distributed.run.parse_args([*rendezvous, *ranks, "--module", module, *arguments])
         logging.disable(logging.CRITICAL)  # torchrun's agent logs each rank it stops; the one line below says it
+        # While the machines meet, this process waits inside torch's C++ store, where a Python signal
+        # handler never runs: let SIGINT and SIGTERM end it at once (nothing is written yet). Once the
+        # ranks start, torchrun handles both, passes them on to the ranks, and raises SignalException.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         try:
             torch.distributed.run.run(torchrun)
         except ChildFailedError as failed:
             for output in outputs:
                 remove_output(output)
-            raise _report(failed.failures, params.nproc * nodes.nnodes) from None
+            raise _report(failed.failures, params.nproc * params.nnodes) from None
         except SignalException as stopped:  # torchrun has passed the signal on to the ranks and waited for them
             for output in outputs:
                 remove_output(output)
@@ -174,8 +188,13 @@ def _report(failures: dict[int, ProcessFailure], world: int) -> Exception:
 
 
 @contextmanager
-def process_group(params: TrainParams, device: torch.device) -> Iterator[torch.device]:
-    """Join the other ranks for the block: yields this rank's device (its own GPU on CUDA)."""
+def process_group(params: TrainParams, device: torch.device, settings: str) -> Iterator[torch.device]:
+    """Join the other ranks for the block: yields this rank's device (its own GPU on CUDA).
+
+    `settings` (the params, as text) must be the same on every rank: machines that train
+    together from different params would silently train something else.
+    """
+    die_with_launcher()
     local_ranks = int(os.environ["LOCAL_WORLD_SIZE"])
     if local_ranks != params.nproc:
         raise PipelineError(
@@ -185,13 +204,36 @@ def process_group(params: TrainParams, device: torch.device) -> Iterator[torch.d
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    digest = int.from_bytes(hashlib.sha256(settings.encode()).digest()[:7], "big")
+    extremes = torch.tensor([digest, -digest], device=device)
+    torch.distributed.all_reduce(extremes, torch.distributed.ReduceOp.MAX)
+    if extremes.tolist() != [digest, -digest]:  # each machine's local rank 0 says so
+        if os.environ["LOCAL_RANK"] != "0":
+            raise FailureReported()
+        raise PipelineError(
+            "params.yaml: the machines training together have different params; check out the same ones"
+        )
     try:
         yield device
-    except (RuntimeError, FailureReported):
+    except (RuntimeError, FailureReported) as error:
         # A failure that another rank has, or reports: one that died breaks this rank's collectives,
         # and rank 0 says why the ranks all stopped (see training.stop_if_diverged). Ending now could
         # get that rank stopped before it ends or speaks, so wait: torchrun stops this rank (SIGTERM,
-        # a KeyboardInterrupt here) once the other has ended. A failure of this rank's own shows after the wait.
+        # a KeyboardInterrupt here) once the other has ended.
         time.sleep(PEER_FAILURE_GRACE_SECONDS)
+        if isinstance(error, torch.distributed.DistError) or "gloo" in str(error):
+            # Still running: the rank that ended was on another machine, whose torchrun reports it.
+            reason = re.sub(r"^\[[^\]]*\] ", "", str(error).splitlines()[0]).split(". ")[0]  # gloo's source line off
+            raise PipelineError(f"lost the other ranks ({reason})") from None
         raise
     torch.distributed.destroy_process_group()
+
+
+def die_with_launcher() -> None:
+    """Have the kernel stop this rank (SIGTERM) if its launcher dies, even by `kill -9` (Linux only):
+    a rank left running would go on to write outputs that a rerun is writing too."""
+    prctl = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform == "linux" else None
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:  # the launcher died before the call above
+            raise KeyboardInterrupt(signal.SIGTERM)

@@ -34,6 +34,7 @@ class TrainParams:
     precision: str
     num_threads: int
     nproc: int
+    nnodes: int
 
 
 # For each parameter: a test of its value and what the error says was expected.
@@ -53,6 +54,7 @@ CHECKS = {
         f"an integer from 0 (all cores) to {machine_cores()} (this machine's cores)",
     ),
     "train.nproc": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "train.nnodes": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "train.momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "train.batch_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "train.epochs": (lambda v: _is_int(v) and v > 0, "a positive integer"),

@@ -33,7 +33,8 @@ def main(params: Path, data: Path, checkpoint: Path, live: Path) -> None:
             load_mnist(data, split)
         distributed.launch(train_params, device, __spec__.name, sys.argv[1:], outputs=[checkpoint, live])
         return
-    group = distributed.process_group(train_params, device) if distributed.is_rank() else nullcontext(device)
+    settings = repr((model_params, train_params))
+    group = distributed.process_group(train_params, device, settings) if distributed.is_rank() else nullcontext(device)
     with group as device:  # a rank's own device: its own GPU on CUDA
         configure_device(train_params, device)
         start = time.perf_counter()
@@ -82,12 +83,11 @@ def log_training(
 
 
 def recorded_params(params: TrainParams) -> dict:
-    """The train params the checkpoint records: nproc only above 1, so that one process writes the same
-    bytes as before train.nproc existed."""
-    recorded = dataclasses.asdict(params)
-    if params.nproc == 1:
-        del recorded["nproc"]
-    return recorded
+    """The train params the checkpoint records: nproc and nnodes only above 1, so that one process
+    writes the same bytes as before they existed."""
+    return {
+        key: value for key, value in dataclasses.asdict(params).items() if key not in ("nproc", "nnodes") or value > 1
+    }
 
 
 def log_epoch(logger: Live, row: dict, model: MLP, test_images: torch.Tensor, test_labels: torch.Tensor) -> None:

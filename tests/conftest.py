@@ -35,6 +35,7 @@ TRAIN_PARAMS = TrainParams(
     precision="fp32",
     num_threads=0,
     nproc=1,
+    nnodes=1,
 )
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -1,17 +1,19 @@
 """Data-parallel training through torchrun (train.nproc), run as a user runs it: the train stage's own
 command and `dvc exp run`, in a copy of the project on synthetic data, with real ranks on loopback."""
 
+import dataclasses
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import copy_project, run, set_params, stage_command
+from conftest import TRAIN_PARAMS, copy_project, run, set_params, stage_command
 
 from mnist_pipeline.distributed import cluster
 from mnist_pipeline.stage import PipelineError
@@ -130,6 +132,29 @@ def test_a_killed_rank_ends_the_stage_with_one_line_and_no_outputs(downloaded, t
     assert not (project / "metrics" / "train").exists()
 
 
+def running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return "\nState:\tZ" not in (Path("/proc") / str(pid) / "status").read_text()
+    except OSError:
+        return False
+
+
+def test_the_ranks_end_with_their_launcher_even_after_sigkill(downloaded):
+    project, _ = downloaded
+    process = start_training(project, nproc=2, epochs=500)
+    ranks = [rank_pid(process.pid, rank) for rank in (0, 1)]
+    process.kill()
+    process.communicate(timeout=120)
+    for _ in range(1200):  # the kernel sends them SIGTERM at once; allow 2 minutes on a loaded machine
+        if not any(map(running, ranks)):
+            break
+        time.sleep(0.1)
+    assert not any(map(running, ranks))
+    assert not (project / "models" / "checkpoint.pt").exists()
+    assert not (project / "metrics" / "train").exists()
+
+
 def test_a_diverging_distributed_training_is_one_line_from_rank_0(downloaded):
     project, _ = downloaded
     result = train(project, check=False, nproc=2, lr=1e4)
@@ -153,7 +178,7 @@ def test_two_machines_train_as_two_processes_on_one(downloaded, one_and_two_proc
     project, _ = downloaded
     one_machine = one_and_two_processes[1][0]["state_dict"]
     (project / "models" / "checkpoint.pt").unlink(missing_ok=True)
-    set_params(project, nproc=1, num_threads=1)  # 1 thread a rank, as with 2 processes on 2 cores
+    set_params(project, nproc=1, nnodes=2, num_threads=1)  # 1 thread a rank, as with 2 processes on 2 cores
     command = stage_command(project, "train")
     outputs = tmp_path / "outputs"
     elsewhere = [str(outputs / "checkpoint.pt") if arg == "models/checkpoint.pt" else arg for arg in command]
@@ -162,7 +187,7 @@ def test_two_machines_train_as_two_processes_on_one(downloaded, one_and_two_proc
     # (see cores.py), so it never waits behind other runs here while machine 0 waits for it.
     (tmp_path / "tmp").mkdir()
     endpoint = f"127.0.0.1:{free_port()}"
-    machines = {"MNIST_NNODES": "2", "MNIST_RDZV_ENDPOINT": endpoint}
+    machines = {"MNIST_RDZV_ENDPOINT": endpoint}
     nodes = [
         subprocess.Popen(
             arguments,
@@ -201,20 +226,19 @@ def test_dvc_exp_run_trains_with_two_processes(downloaded):
 @pytest.mark.parametrize(
     ("environment", "message"),
     [
-        ({"MNIST_NNODES": "0"}, "MNIST_NNODES must be an integer from 1, got '0'"),
-        ({"MNIST_NNODES": "2"}, "MNIST_NNODES is 2, so MNIST_RDZV_ENDPOINT must be machine 0's host:port"),
+        ({}, "params.yaml: train.nnodes is 2, so MNIST_RDZV_ENDPOINT must be machine 0's host:port"),
         (
-            {"MNIST_NNODES": "2", "MNIST_NODE_RANK": "2", "MNIST_RDZV_ENDPOINT": "a:1"},
+            {"MNIST_NODE_RANK": "2", "MNIST_RDZV_ENDPOINT": "a:1"},
             "MNIST_NODE_RANK must be an integer from 0 to 1, got '2'",
         ),
-        ({"MNIST_NNODES": "2", "MNIST_RDZV_ENDPOINT": "host"}, "MNIST_RDZV_ENDPOINT must be host:port, got 'host'"),
+        ({"MNIST_RDZV_ENDPOINT": "host"}, "MNIST_RDZV_ENDPOINT must be host:port, got 'host'"),
     ],
 )
 def test_bad_cluster_settings_name_the_variable(monkeypatch, environment, message):
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(PipelineError) as error:
-        cluster()
+        cluster(dataclasses.replace(TRAIN_PARAMS, nnodes=2))
     assert str(error.value) == message
 
 

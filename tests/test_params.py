@@ -24,6 +24,7 @@ train:
   precision: fp32
   num_threads: 0
   nproc: 1
+  nnodes: 1
 """
 
 
@@ -49,6 +50,7 @@ def test_the_project_defaults_are_the_tutorial_setup():
         precision="fp32",
         num_threads=0,
         nproc=1,
+        nnodes=1,
     )
 
 
@@ -81,6 +83,7 @@ def test_valid_params_load_as_typed_settings(tmp_path):
         ("num_threads: 0", "num_threads: -1", r"train.num_threads must be an integer from 0 \(all cores\) to \d+"),
         ("num_threads: 0", "num_threads: 100000", r"to \d+ \(this machine's cores\), got 100000"),
         ("nproc: 1", "nproc: 0", r"train.nproc must be a positive integer, got 0"),
+        ("nnodes: 1", "nnodes: 1.5", r"train.nnodes must be a positive integer, got 1.5"),
         ("weight_decay: 0", "weight_decay: -0.1", "train.weight_decay must be a non-negative finite number, got -0.1"),
         ("weight_decay: 0", "weight_decay: .inf", "train.weight_decay must be a non-negative finite number, got inf"),
         ("label_smoothing: 0", "label_smoothing: 1", r"train.label_smoothing must be a number in \[0, 1\), got 1"),
