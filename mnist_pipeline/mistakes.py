@@ -1,15 +1,18 @@
 """A picture of what the model gets most wrong: the test digits with the highest loss, labelled.
 
-Drawn with numpy and Pillow rather than torchvision.utils.make_grid: importing torchvision
-imports torch._dynamo (through torchvision.ops), 1.6-2 s and about 1,100 modules on top of torch,
-which would more than double the evaluate stage's time for a 40-tile image.
+Each digit becomes a tile (its caption above it, drawn with Pillow) and torchvision.utils.make_grid
+lays the tiles out. Importing torchvision costs the evaluate stage about 1.3 s, because
+torchvision.ops imports torch._dynamo (README, Performance).
 """
 
 import io
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from torchvision.utils import make_grid
 
 from mnist_pipeline.stage import atomic_output
 
@@ -18,7 +21,7 @@ COLUMNS = 8
 SCALE = 3  # each 28x28 digit drawn at 84x84
 CAPTION = 14  # pixels above each digit for "true 7, said 2"
 GAP = 4
-BACKGROUND = (32, 32, 32)
+BACKGROUND = 32  # dark grey
 TEXT = (255, 200, 80)
 
 
@@ -27,20 +30,19 @@ def worst(losses: np.ndarray, count: int = COUNT) -> np.ndarray:
     return np.argsort(-losses, kind="stable")[:count]
 
 
+def captioned(image: np.ndarray, caption: str) -> torch.Tensor:
+    """A uint8 [3, H, W] tile: `caption` over the 28x28 `image`, scaled up pixel for pixel."""
+    side = image.shape[0] * SCALE
+    tile = Image.new("RGB", (side, CAPTION + side), (BACKGROUND,) * 3)
+    ImageDraw.Draw(tile).text((0, 0), caption, fill=TEXT)
+    tile.paste(Image.fromarray(image).resize((side, side), Image.Resampling.NEAREST).convert("RGB"), (0, CAPTION))
+    return pil_to_tensor(tile)
+
+
 def mistakes_grid(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, losses: np.ndarray) -> Image.Image:
     """The highest-loss digits of uint8 `images` [N, 28, 28], each captioned with its true and predicted label."""
-    chosen = worst(losses)
-    side = images.shape[1] * SCALE
-    rows = -(-len(chosen) // COLUMNS)
-    grid = Image.new("RGB", (COLUMNS * (side + GAP) + GAP, rows * (side + CAPTION + GAP) + GAP), BACKGROUND)
-    draw = ImageDraw.Draw(grid)
-    for tile, index in enumerate(chosen):
-        row, column = divmod(tile, COLUMNS)
-        left, top = GAP + column * (side + GAP), GAP + row * (side + CAPTION + GAP)
-        draw.text((left, top), f"true {labels[index]}, said {predictions[index]}", fill=TEXT)
-        digit = Image.fromarray(images[index]).resize((side, side), Image.Resampling.NEAREST)
-        grid.paste(digit.convert("RGB"), (left, top + CAPTION))
-    return grid
+    tiles = [captioned(images[i], f"true {labels[i]}, said {predictions[i]}") for i in worst(losses)]
+    return to_pil_image(make_grid(tiles, nrow=COLUMNS, padding=GAP, pad_value=BACKGROUND))
 
 
 def write_png(image: Image.Image, path: Path) -> None:
