@@ -10,8 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import copy_project, run, set_params, stage_command
+import vl_convert
+from conftest import PROJECT, copy_project, run, set_params, stage_command
 from dvc_render.html import HTML
+from dvc_render.vega_templates import LinearTemplate
 from PIL import Image
 
 N_TEST = 200  # images in the synthetic test split (see write_mirror)
@@ -161,6 +163,26 @@ def test_the_plots_page_draws_every_plot_with_no_network(built):
     run(project, "dvc", "plots", "show", "--html-template", "cdn.html", "--out", "cdn_plots")
     assert "data-drawn" not in rendered(project / "cdn_plots" / "index.html")
     assert "<svg" not in rendered(project / "cdn_plots" / "index.html")
+
+
+def test_the_curves_template_is_dvcs_linear_one_with_ticks_that_read_as_their_values(built):
+    # .dvc/plots/linear.json replaces DVC's built-in `linear` template (the curves') and differs
+    # from it only in its y ticks' format; when DVC changes its template, this says so.
+    ours = json.loads((PROJECT / ".dvc" / "plots" / "linear.json").read_text())
+    formats = []
+    for layer in ours["layer"]:
+        if "y" in layer["encoding"]:
+            formats.append(layer["encoding"]["y"].pop("axis"))
+    assert formats == [{"format": "~g"}] * 3
+    assert ours == LinearTemplate.DEFAULT_CONTENT
+    # With DVC's format a constant learning rate of 0.05 had a single tick, labelled "0".
+    project, _, _ = built
+    plots = json.loads(run(project, "dvc", "plots", "show", "--json").stdout)["data"]
+    [lr] = plots["metrics/train/plots/metrics/lr.tsv"]
+    svg = vl_convert.vegalite_to_svg(lr["content"])
+    y_axis = svg[svg.index('aria-label="Y-axis') :]
+    tick_labels = re.search(r'role-axis-label".*?</g>', y_axis).group(0)
+    assert re.findall(r">([^<>]+)</text>", tick_labels) == ["0.05"]
 
 
 def test_report_writes_every_plot_as_an_image_and_a_markdown_summary(built):
