@@ -162,7 +162,7 @@ def run_repro(scratch: Scratch) -> dict:
     run = scratch.run("dvc", "repro", "--force", "--downstream", "train")
     return {
         "wall": run.wall,
-        "train": run.number(r"^trained \d+ epochs(?: on \d+ processes)? in ([\d.]+) s"),
+        "train": run.number(r"^trained \d+ epochs?(?: on \d+ processes)? in ([\d.]+) s"),
         "rss": run.rss,
         "accuracy": run.number(r"^test loss [\d.]+, accuracy ([\d.]+)"),
     }
@@ -189,7 +189,7 @@ def run_variant(scratch: Scratch, name: str) -> dict:
     first_step = next(seconds for seconds, line in train.lines if line.startswith("training on"))
     return {
         "wall": train.wall + evaluate.wall,
-        "train": train.number(r"^trained \d+ epochs(?: on \d+ processes)? in ([\d.]+) s"),
+        "train": train.number(r"^trained \d+ epochs?(?: on \d+ processes)? in ([\d.]+) s"),
         "startup": first_step - import_seconds(train.stderr, "torch"),
         "dvclive": import_seconds(train.stderr, "dvclive"),
         "rss": max(train.rss, evaluate.rss),
@@ -201,7 +201,7 @@ def run_variant(scratch: Scratch, name: str) -> dict:
 def run_experiment(scratch: Scratch) -> dict:
     """One new experiment, the yardstick import, and the way back to the baseline's params."""
     run = scratch.run("dvc", "exp", "run", "-S", "train.epochs=1", "-S", f"train.seed={scratch.new_seed()}")
-    train = run.number(r"^trained \d+ epochs(?: on \d+ processes)? in ([\d.]+) s")
+    train = run.number(r"^trained \d+ epochs?(?: on \d+ processes)? in ([\d.]+) s")
     yardstick = scratch.run(sys.executable, "-c", "import torch").wall
     checkout = scratch.run("git", "checkout", "HEAD", "--", ".")
     restore = scratch.run("dvc", "repro")

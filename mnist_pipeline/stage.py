@@ -64,6 +64,11 @@ def _interrupt(received: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(received))
 
 
+def counted(number: int, noun: str) -> str:
+    """'1 epoch', '9 epochs'."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def remove_output(path: Path) -> None:
     """Remove an output file or folder, if it is there."""
     if path.is_dir():

@@ -19,7 +19,7 @@ from mnist_pipeline.metrics import evaluate
 from mnist_pipeline.model import MLP
 from mnist_pipeline.optim import Optimizer
 from mnist_pipeline.params import TrainParams
-from mnist_pipeline.stage import FailureReported, PipelineError
+from mnist_pipeline.stage import FailureReported, PipelineError, counted
 
 PROGRESS_EVERY = 100  # batches between loss readouts: each one waits for the device
 # Training images the untrained model is scored on for epoch 0: as many as the test set has. An
@@ -219,8 +219,8 @@ def train(
     if lead:
         processes = f" on {world} processes" if world > 1 else ""
         print(
-            f"trained {params.epochs} epochs{processes} in {seconds:.2f} s ({params.epochs * n / seconds:,.0f} img/s), "
-            f"plus {reporting:.2f} s of per-epoch evaluation"
+            f"trained {counted(params.epochs, 'epoch')}{processes} in {seconds:.2f} s "
+            f"({params.epochs * n / seconds:,.0f} img/s), plus {reporting:.2f} s of per-epoch evaluation"
         )
     model.eval()
 

@@ -17,7 +17,7 @@ from mnist_pipeline.data import load_mnist, to_tensors
 from mnist_pipeline.metrics import evaluate
 from mnist_pipeline.model import MLP, save_checkpoint
 from mnist_pipeline.params import ModelParams, TrainParams, load_params
-from mnist_pipeline.stage import run_stage
+from mnist_pipeline.stage import counted, run_stage
 from mnist_pipeline.training import check_model_fits, configure_device, cores_needed, select_device, train
 
 
@@ -72,8 +72,8 @@ def log_training(
         with Live(str(live), save_dvc_exp=False, dvcyaml=None) as logger, cores:
             processes = f" x {distributed.rank_and_world()[1]} processes" if distributed.is_rank() else ""
             print(
-                f"training on {device}{processes} ({params.precision}, {torch.get_num_threads()} threads): "
-                f"{len(images)} images, {params.epochs} epochs, batch {params.batch_size}, "
+                f"training on {device}{processes} ({params.precision}, {counted(torch.get_num_threads(), 'thread')}): "
+                f"{len(images)} images, {counted(params.epochs, 'epoch')}, batch {params.batch_size}, "
                 f"{params.optimizer} lr {params.lr} {params.schedule}"
             )
             train(model, images, labels, params, lambda row: log_epoch(logger, row, model, test_images, test_labels))

@@ -71,7 +71,7 @@ def test_two_processes_train_as_one_does_and_rank_0_alone_writes(one_and_two_pro
     assert two_metrics["test"]["accuracy"] > 0.9
     # Rank 0 alone talks and logs: one start line, one row per epoch (and epoch 0).
     assert [line for line in result.stdout.splitlines() if line.startswith("training on")] == [
-        "training on cpu x 2 processes (fp32, 1 threads): 600 images, 3 epochs, batch 63, sgd lr 0.1 constant"
+        "training on cpu x 2 processes (fp32, 1 thread): 600 images, 3 epochs, batch 63, sgd lr 0.1 constant"
     ]
     assert [row.split("\t")[0] for row in steps.splitlines()] == ["step", "0", "1", "2", "3"]
     assert "error" not in result.stderr and "Traceback" not in result.stderr

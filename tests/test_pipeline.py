@@ -13,7 +13,7 @@ import torch
 import vl_convert
 from conftest import PROJECT, copy_project, run, set_params, stage_command
 from dvc_render.html import HTML
-from dvc_render.vega_templates import LinearTemplate
+from dvc_render.vega_templates import ConfusionTemplate, LinearTemplate
 from PIL import Image
 
 N_TEST = 200  # images in the synthetic test split (see write_mirror)
@@ -165,16 +165,17 @@ def test_the_plots_page_draws_every_plot_with_no_network(built):
     assert "<svg" not in rendered(project / "cdn_plots" / "index.html")
 
 
-def test_the_curves_template_is_dvcs_linear_one_with_ticks_that_read_as_their_values(built):
-    # .dvc/plots/linear.json replaces DVC's built-in `linear` template (the curves') and differs
-    # from it only in its y ticks' format; when DVC changes its template, this says so.
-    ours = json.loads((PROJECT / ".dvc" / "plots" / "linear.json").read_text())
-    formats = []
-    for layer in ours["layer"]:
-        if "y" in layer["encoding"]:
-            formats.append(layer["encoding"]["y"].pop("axis"))
-    assert formats == [{"format": "~g"}] * 3
-    assert ours == LinearTemplate.DEFAULT_CONTENT
+def test_the_plot_templates_are_dvcs_own_but_for_one_change_each(built):
+    # .dvc/plots/ replaces two of DVC's built-in templates, each in one respect; when DVC changes
+    # its own, this says so.
+    templates = PROJECT / ".dvc" / "plots"
+    linear = json.loads((templates / "linear.json").read_text())
+    formats = [layer["encoding"]["y"].pop("axis") for layer in linear["layer"] if "y" in layer["encoding"]]
+    assert formats == [{"format": "~g"}] * 3  # the curves: y ticks printed in full
+    assert linear == LinearTemplate.DEFAULT_CONTENT
+    confusion = json.loads((templates / "confusion.json").read_text())
+    assert confusion.pop("resolve") == {"scale": {"color": "independent"}}  # a colour scale per run
+    assert confusion == ConfusionTemplate.DEFAULT_CONTENT
     # With DVC's format a constant learning rate of 0.05 had a single tick, labelled "0".
     project, _, _ = built
     plots = json.loads(run(project, "dvc", "plots", "show", "--json").stdout)["data"]
