@@ -33,6 +33,11 @@ def machine_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def cores_needed(device_type: str, threads: int) -> int:
+    """The CPU cores one training process keeps busy: one per thread on the CPU, one to drive a GPU."""
+    return threads if device_type == "cpu" else 1
+
+
 def locks_folder() -> Path:
     """Where every run of this user on this machine keeps its core reservations."""
     return Path(tempfile.gettempdir()) / f"mnist-pipeline-cores-{os.getuid()}"

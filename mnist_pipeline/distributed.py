@@ -34,9 +34,9 @@ import torch.distributed.run
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from mnist_pipeline.cores import machine_cores, reserved_cores
+from mnist_pipeline.cores import cores_needed, machine_cores, reserved_cores
 from mnist_pipeline.params import TrainParams
-from mnist_pipeline.stage import FailureReported, PipelineError, remove_output
+from mnist_pipeline.stage import FailureReported, PipelineError, is_rank, remove_output
 
 # A rank that fails because of another waits this long for torchrun to stop it: a rank that dies
 # breaks every other rank's next collective at once, and only the dead rank's failure is worth reporting.
@@ -79,11 +79,6 @@ def launches_ranks(params: TrainParams) -> bool:
     return not is_rank() and params.nproc * params.nnodes > 1
 
 
-def is_rank() -> bool:
-    """Whether this process is one of the workers that torchrun started (ours or the user's)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ
-
-
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the number of ranks training together: (0, 1) in a single process."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -123,7 +118,7 @@ def launch(params: TrainParams, device: torch.device, module: str, arguments: li
     check_launch(params, device)
     nodes = cluster(params)
     threads = max(1, (params.num_threads or torch.get_num_threads()) // params.nproc)
-    cores = params.nproc * threads if device.type == "cpu" else params.nproc  # a core drives each GPU
+    cores = params.nproc * cores_needed(device.type, threads)
     # OpenMP in each worker reads this; torchrun itself would set 1 and warn.
     os.environ["OMP_NUM_THREADS"] = str(threads)
     if nodes.endpoint is None:

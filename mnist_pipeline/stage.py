@@ -23,6 +23,11 @@ class FailureReported(Exception):
     """A failure whose line another process (a training rank) has printed already: exit code 1, nothing more."""
 
 
+def is_rank() -> bool:
+    """Whether this process is one of the workers that torchrun started (ours or the user's)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def run_stage(main: Callable[..., None]) -> None:
     """Run a stage's main() with the paths its command line names, one option per parameter, then exit.
 
@@ -34,7 +39,7 @@ def run_stage(main: Callable[..., None]) -> None:
     In a rank of a distributed training (see distributed.py), an error line names the rank, and
     an interruption is silent: the process that launched the ranks reports it once.
     """
-    rank = f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: " if "TORCHELASTIC_RUN_ID" in os.environ else None
+    rank = f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: " if is_rank() else None
     signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description=sys.modules[main.__module__].__doc__)
     for name in inspect.signature(main).parameters:

@@ -14,12 +14,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mnist_pipeline.data import scale_pixels
-from mnist_pipeline.distributed import is_rank, rank_and_world
+from mnist_pipeline.distributed import rank_and_world
 from mnist_pipeline.metrics import evaluate
 from mnist_pipeline.model import MLP
 from mnist_pipeline.optim import Optimizer
 from mnist_pipeline.params import TrainParams
-from mnist_pipeline.stage import FailureReported, PipelineError, counted
+from mnist_pipeline.stage import FailureReported, PipelineError, counted, is_rank
 
 PROGRESS_EVERY = 100  # batches between loss readouts: each one waits for the device
 # Training images the untrained model is scored on for epoch 0: as many as the test set has. An
@@ -90,11 +90,6 @@ def check_model_fits(hidden_sizes: list[int], params: TrainParams, device: torch
             f"params.yaml: model.hidden_sizes {hidden_sizes} makes {weights:,} weights, which need at least "
             f"{needed / 2**30:,.1f} GiB to train; this {device.type} device has {available / 2**30:,.1f} GiB"
         )
-
-
-def cores_needed(device: torch.device) -> int:
-    """The CPU cores a training on `device` keeps busy: one per thread on the CPU, one to drive a GPU."""
-    return torch.get_num_threads() if device.type == "cpu" else 1
 
 
 def keep_freed_memory() -> None:

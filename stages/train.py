@@ -12,13 +12,13 @@ from dvclive import Live
 from tqdm import tqdm
 
 from mnist_pipeline import distributed
-from mnist_pipeline.cores import reserved_cores
+from mnist_pipeline.cores import cores_needed, reserved_cores
 from mnist_pipeline.data import load_mnist, to_tensors
 from mnist_pipeline.metrics import evaluate
 from mnist_pipeline.model import MLP, save_checkpoint
 from mnist_pipeline.params import ModelParams, TrainParams, load_params
-from mnist_pipeline.stage import counted, run_stage
-from mnist_pipeline.training import check_model_fits, configure_device, cores_needed, select_device, train
+from mnist_pipeline.stage import counted, is_rank, run_stage
+from mnist_pipeline.training import check_model_fits, configure_device, select_device, train
 
 
 def main(params: Path, data: Path, checkpoint: Path, live: Path) -> None:
@@ -34,7 +34,7 @@ def main(params: Path, data: Path, checkpoint: Path, live: Path) -> None:
         distributed.launch(train_params, device, __spec__.name, sys.argv[1:], outputs=[checkpoint, live])
         return
     settings = repr((model_params, train_params))
-    group = distributed.process_group(train_params, device, settings) if distributed.is_rank() else nullcontext(device)
+    group = distributed.process_group(train_params, device, settings) if is_rank() else nullcontext(device)
     with group as device:  # a rank's own device: its own GPU on CUDA
         configure_device(train_params, device)
         start = time.perf_counter()
@@ -67,10 +67,10 @@ def log_training(
     # dvc.yaml declares these outputs, and DVC makes the experiments: DVCLive does neither.
     # Other trainings on this machine wait for the reserved cores meanwhile (see cores.py); a rank's
     # were reserved by the launch, for all ranks at once.
-    cores = nullcontext() if distributed.is_rank() else reserved_cores(cores_needed(device))
+    cores = nullcontext() if is_rank() else reserved_cores(cores_needed(device.type, torch.get_num_threads()))
     try:
         with Live(str(live), save_dvc_exp=False, dvcyaml=None) as logger, cores:
-            processes = f" x {distributed.rank_and_world()[1]} processes" if distributed.is_rank() else ""
+            processes = f" x {distributed.rank_and_world()[1]} processes" if is_rank() else ""
             print(
                 f"training on {device}{processes} ({params.precision}, {counted(torch.get_num_threads(), 'thread')}): "
                 f"{len(images)} images, {counted(params.epochs, 'epoch')}, batch {params.batch_size}, "
