@@ -9,8 +9,10 @@ ratios are taken within a round, between neighbours.
   tutorial  benchmarks/tutorial_baseline.py: the seed tutorial's loop, with its test pass per epoch
   repro     `dvc repro --force --downstream train`: train, evaluate and export at default params
   variants  the train and evaluate stages alone, at other precisions, thread and process counts, and the recipes
-  exp-run   `dvc exp run -S train.epochs=1` (a new seed each time, so nothing is cached), then
-            `python -c "import torch"`, then back to the baseline: `git checkout HEAD -- . && dvc repro`
+  exp-run   `dvc exp run -S train.epochs=1` (a new seed each time, so nothing is cached), the same
+            in a bare DVC project whose three stages only import torch (the least three torch
+            stages can take), `python -c "import torch"`, then back to the baseline:
+            `git checkout HEAD -- . && dvc repro`
   parallel  two trainings (2 epochs, default params) at once against one alone
   sweep     the 4-run grid of recipes/sweep.txt through the queue with one worker, and with two
 
@@ -128,20 +130,59 @@ def make_scratch(parent: Path) -> Scratch:
     if mirror := os.environ.get("MNIST_MIRROR"):
         env["MNIST_MIRROR"] = mirror if "://" in mirror else str((ROOT / mirror).resolve())
     scratch = Scratch(path, env)
-    for command in (
-        ["git", "init", "-q"],
-        ["git", "config", "user.name", "bench"],
-        ["git", "config", "user.email", "bench@example.com"],
-        ["git", "add", "-A"],
-        ["git", "commit", "-qm", "scratch"],
-    ):
-        scratch.run(*command)
+    commit_all(scratch, "scratch")
     print("setting up: dvc repro (download and the default baseline)", flush=True)
     scratch.run("dvc", "repro")
     scratch.run("git", "add", "-A")
     scratch.run("git", "commit", "-qm", "baseline", "--allow-empty")
     (path / ".bench").mkdir()
     return scratch
+
+
+def commit_all(scratch: Scratch, message: str) -> None:
+    """Make the folder a git repository and commit everything in it."""
+    for command in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.name", "bench"],
+        ["git", "config", "user.email", "bench@example.com"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", message],
+    ):
+        scratch.run(*command)
+
+
+# A stage of the bare pipeline: it imports torch and writes one small file, then exits the way the
+# pipeline's stages do (no interpreter teardown; see mnist_pipeline/stage.py).
+BARE_STAGE = """import os
+import sys
+
+import torch
+
+with open(sys.argv[1], "w") as out:
+    out.write(torch.__version__)
+os._exit(0)
+"""
+
+
+def make_bare(parent: Path, env: dict[str, str]) -> Scratch:
+    """A DVC project of three chained stages that only import torch, each depending on the param `seed`."""
+    bare = Scratch(parent / "bare", env)
+    bare.path.mkdir()
+    (bare.path / "stage.py").write_text(BARE_STAGE)
+    (bare.path / "params.yaml").write_text("seed: 0\n")
+    stages, deps = {}, ["stage.py"]
+    for name in ("first", "second", "third"):
+        out = f"{name}.txt"
+        stages[name] = {"cmd": f"python stage.py {out}", "deps": deps, "params": ["seed"], "outs": [out]}
+        deps = ["stage.py", out]
+    (bare.path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    commit_all(bare, "bare")
+    bare.run("dvc", "init", "-q")
+    bare.run("dvc", "config", "core.analytics", "false")  # as in this project's .dvc/config
+    bare.run("dvc", "repro")
+    bare.run("git", "add", "-A")
+    bare.run("git", "commit", "-qm", "baseline")
+    return bare
 
 
 def import_seconds(importtime: str, module: str) -> float:
@@ -198,10 +239,12 @@ def run_variant(scratch: Scratch, name: str) -> dict:
     }
 
 
-def run_experiment(scratch: Scratch) -> dict:
-    """One new experiment, the yardstick import, and the way back to the baseline's params."""
-    run = scratch.run("dvc", "exp", "run", "-S", "train.epochs=1", "-S", f"train.seed={scratch.new_seed()}")
+def run_experiment(scratch: Scratch, bare: Scratch) -> dict:
+    """One new experiment, one in the bare pipeline, the yardstick import, and the way back to the baseline's params."""
+    seed = scratch.new_seed()
+    run = scratch.run("dvc", "exp", "run", "-S", "train.epochs=1", "-S", f"train.seed={seed}")
     train = run.number(r"^trained \d+ epochs?(?: on \d+ processes)? in ([\d.]+) s")
+    bare_run = bare.run("dvc", "exp", "run", "-S", f"seed={seed}")
     yardstick = scratch.run(sys.executable, "-c", "import torch").wall
     checkout = scratch.run("git", "checkout", "HEAD", "--", ".")
     restore = scratch.run("dvc", "repro")
@@ -213,6 +256,8 @@ def run_experiment(scratch: Scratch) -> dict:
         "overhead": run.wall - train,
         "import": yardstick,
         "ratio": (run.wall - train) / yardstick,
+        "bare": bare_run.wall,
+        "bare ratio": bare_run.wall / yardstick,
         "restore": checkout.wall + restore.wall,
     }
 
@@ -285,6 +330,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="mnist-bench-") as parent:
         scratch = make_scratch(Path(parent))
+        bare = make_bare(Path(parent), scratch.env) if "exp-run" in chosen else None
         for round_number in range(1, args.runs + 1):
             print(f"round {round_number}/{args.runs}", flush=True)
             if "tutorial" in chosen:
@@ -295,7 +341,7 @@ def main() -> None:
                 for name in VARIANTS:
                     record(name, lambda name=name: run_variant(scratch, name))
             if "exp-run" in chosen:
-                record("exp-run", lambda: run_experiment(scratch))
+                record("exp-run", lambda: run_experiment(scratch, bare))
             if "parallel" in chosen:
                 record("parallel", lambda: run_parallel(scratch))
             if "sweep" in chosen:
@@ -351,8 +397,11 @@ def render(results: dict[str, list], runs: int) -> str:
             f"| wall | {spread(column('exp-run', 'wall'), 2)} |\n"
             f"| training | {spread(column('exp-run', 'train'), 2)} |\n"
             f"| overhead: wall - training | {spread(column('exp-run', 'overhead'), 2)} |\n"
+            f"| the same in a bare pipeline, three stages that only import torch | "
+            f"{spread(column('exp-run', 'bare'), 2)} |\n"
             f'| `python -c "import torch"` | {spread(column("exp-run", "import"), 2)} |\n'
             f"| overhead / import, within each round | {spread(column('exp-run', 'ratio'), 2)} |\n"
+            f"| bare pipeline / import, within each round | {spread(column('exp-run', 'bare ratio'), 2)} |\n"
             f"| back to the baseline (`git checkout HEAD -- . && dvc repro`, run-cache) | "
             f"{spread(column('exp-run', 'restore'), 2)} |\n"
         )
