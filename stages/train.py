@@ -46,7 +46,7 @@ def main(params: Path, data: Path, checkpoint: Path, live: Path) -> None:
             seconds = time.perf_counter() - start
             print(f"loaded {len(images)} training and {len(test_images)} test images in {seconds:.2f} s")
             log_training(model, images, labels, test_images, test_labels, train_params, live)
-            save_checkpoint(model.cpu(), recorded_params(train_params), checkpoint)
+            save_checkpoint(model.cpu(), dataclasses.asdict(train_params), checkpoint)
         else:  # the other ranks train alongside rank 0, which alone logs and writes
             train(model, images, labels, train_params, report=None)
 
@@ -80,14 +80,6 @@ def log_training(
     except BaseException:
         shutil.rmtree(live, ignore_errors=True)  # the log of a run that did not finish is not a result
         raise
-
-
-def recorded_params(params: TrainParams) -> dict:
-    """The train params the checkpoint records: nproc and nnodes only above 1, so that one process
-    writes the same bytes as before they existed."""
-    return {
-        key: value for key, value in dataclasses.asdict(params).items() if key not in ("nproc", "nnodes") or value > 1
-    }
 
 
 def log_epoch(logger: Live, row: dict, model: MLP, test_images: torch.Tensor, test_labels: torch.Tensor) -> None:
