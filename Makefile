@@ -40,11 +40,8 @@ report: setup
 bench: setup
 	$(RUN) python benchmarks/bench.py
 
-# Two test files at a time: most of a test's time is one subprocess importing torch or DVC, on
-# one core, so two overlap well (7 minutes become 5 on 2 cores). Not more: each worker's
-# subprocesses hold up to a GB. Trainings that meet take turns at the cores (see cores.py).
 test: setup lint
-	$(RUN) pytest --numprocesses 2 --dist loadfile
+	$(RUN) pytest
 
 lint: setup
 	$(RUN) ruff format --check .
