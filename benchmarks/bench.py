@@ -130,7 +130,7 @@ def make_scratch(parent: Path) -> Scratch:
     if mirror := os.environ.get("MNIST_MIRROR"):
         env["MNIST_MIRROR"] = mirror if "://" in mirror else str((ROOT / mirror).resolve())
     scratch = Scratch(path, env)
-    commit_all(scratch, "scratch")
+    git_repository_of(scratch, "scratch")
     print("setting up: dvc repro (download and the default baseline)", flush=True)
     scratch.run("dvc", "repro")
     scratch.run("git", "add", "-A")
@@ -139,7 +139,7 @@ def make_scratch(parent: Path) -> Scratch:
     return scratch
 
 
-def commit_all(scratch: Scratch, message: str) -> None:
+def git_repository_of(scratch: Scratch, message: str) -> None:
     """Make the folder a git repository and commit everything in it."""
     for command in (
         ["git", "init", "-q"],
@@ -176,7 +176,7 @@ def make_bare(parent: Path, env: dict[str, str]) -> Scratch:
         stages[name] = {"cmd": f"python stage.py {out}", "deps": deps, "params": ["seed"], "outs": [out]}
         deps = ["stage.py", out]
     (bare.path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    commit_all(bare, "bare")
+    git_repository_of(bare, "bare")
     bare.run("dvc", "init", "-q")
     bare.run("dvc", "config", "core.analytics", "false")  # as in this project's .dvc/config
     bare.run("dvc", "repro")
