@@ -32,6 +32,7 @@ class TrainParams:
     seed: int
     device: str
     precision: str
+    arithmetic: str
     num_threads: int
     nproc: int
     nnodes: int
@@ -49,6 +50,7 @@ CHECKS = {
     "train.label_smoothing": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "train.schedule": (lambda v: v in ("constant", "onecycle"), "constant or onecycle"),
     "train.precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
+    "train.arithmetic": (lambda v: v in ("portable", "native"), "portable or native"),
     "train.num_threads": (
         lambda v: _is_int(v) and 0 <= v <= machine_cores(),
         f"an integer from 0 (all cores) to {machine_cores()} (this machine's cores)",

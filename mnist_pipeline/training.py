@@ -6,6 +6,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.distributed
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from mnist_pipeline.data import scale_pixels
 from mnist_pipeline.distributed import rank_and_world
+from mnist_pipeline.exact import ExactProducts, check_portable_kernels
 from mnist_pipeline.metrics import evaluate
 from mnist_pipeline.model import MLP
 from mnist_pipeline.optim import Optimizer
@@ -48,7 +50,19 @@ def select_device(name: str) -> torch.device:
 
 
 def configure_device(params: TrainParams, device: torch.device) -> None:
-    """Set the process up for training on `device`: threads, memory reuse, determinism, bf16 support."""
+    """Set the process up for training on `device`: threads, memory reuse, determinism, arithmetic, bf16 support."""
+    if params.arithmetic == "portable":
+        if params.precision == "bf16":
+            raise PipelineError(
+                "params.yaml: train.precision bf16 runs this machine's own bf16 kernels, whose bytes are its own: "
+                "it needs train.arithmetic: native"
+            )
+        if device.type == "mps":
+            raise PipelineError(
+                "params.yaml: train.arithmetic portable computes its products in float64, which mps devices lack; "
+                "set train.arithmetic: native, or train.device: cpu"
+            )
+        check_portable_kernels()
     # Set even when it is the default: torch.set_num_threads also turns off MKL's dynamic thread
     # count, which otherwise tears down and recreates OpenMP threads between MKL and other ops.
     # A rank's share of train.num_threads comes from its launch, in OMP_NUM_THREADS (see distributed.launch).
@@ -76,9 +90,10 @@ def check_model_fits(hidden_sizes: list[int], params: TrainParams, device: torch
     """Refuse, before allocating anything, a model whose training cannot fit in `device`'s memory."""
     with torch.device("meta"):  # the model's shapes, without its memory
         weights = sum(parameter.numel() for parameter in MLP(hidden_sizes).parameters())
-    # float32 weights and gradients, the optimizer's state, and bf16 copies of the weights.
+    # float32 weights and gradients, the optimizer's state, and bf16 or (portable) float64 copies of the weights.
     state = {"sgd": 1 if params.momentum else 0, "adamw": 2}[params.optimizer]
-    needed = weights * (4 * (2 + state) + (2 if params.precision == "bf16" else 0))
+    copy = 2 if params.precision == "bf16" else 8 if params.arithmetic == "portable" else 0
+    needed = weights * (4 * (2 + state) + copy)
     if device.type == "cuda":
         available = torch.cuda.get_device_properties(device).total_memory
     elif hasattr(os, "sysconf"):
@@ -150,12 +165,15 @@ def train(
     steps_per_epoch = math.ceil(n / params.batch_size)
     optimizer = Optimizer(list(model.parameters()), params, params.epochs * steps_per_epoch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=params.precision == "bf16")
+    # Around every forward pass, the test passes in `report` included (backward follows the forward).
+    products = ExactProducts() if params.arithmetic == "portable" else nullcontext()
     shuffle = torch.Generator().manual_seed(params.seed)
     replica = model if world == 1 else DistributedDataParallel(model)  # its backward averages the gradients
     model.train()
     started = time.perf_counter()
     if lead:
-        initial = evaluate(model, images[:INITIAL_SAMPLE], labels[:INITIAL_SAMPLE])
+        with products:
+            initial = evaluate(model, images[:INITIAL_SAMPLE], labels[:INITIAL_SAMPLE])
         report({"epoch": 0, "train/loss": initial.loss, "train/accuracy": initial.accuracy, "lr": optimizer.lr()})
     reporting = time.perf_counter() - started
     with tqdm(total=params.epochs * n, unit="img", unit_scale=True, desc="train", disable=not lead) as progress:
@@ -174,7 +192,7 @@ def train(
                 mine = batch if world == 1 else batch[rank::world]
                 # index_select copies whole rows; images[batch] goes element by element, 7-26x slower.
                 x, y = scale_pixels(images.index_select(0, mine)), labels.index_select(0, mine)
-                with autocast:
+                with autocast, products:
                     logits = replica(x)
                     loss = batch_loss(logits, y, len(batch), world, params.label_smoothing)
                 optimizer.zero_grad()
@@ -208,7 +226,8 @@ def train(
                 f"epoch {epoch}/{params.epochs}: loss {row['train/loss']:.4f}, "
                 f"accuracy {row['train/accuracy']:.4f}, {trained - start:.1f} s"
             )
-            report(row)
+            with products:
+                report(row)
             reporting += time.perf_counter() - trained
     seconds = time.perf_counter() - started - reporting
     if lead:

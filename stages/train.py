@@ -71,8 +71,9 @@ def log_training(
     try:
         with Live(str(live), save_dvc_exp=False, dvcyaml=None) as logger, cores:
             processes = f" x {distributed.rank_and_world()[1]} processes" if is_rank() else ""
+            threads = counted(torch.get_num_threads(), "thread")
             print(
-                f"training on {device}{processes} ({params.precision}, {counted(torch.get_num_threads(), 'thread')}): "
+                f"training on {device}{processes} ({params.precision} {params.arithmetic}, {threads}): "
                 f"{len(images)} images, {counted(params.epochs, 'epoch')}, batch {params.batch_size}, "
                 f"{params.optimizer} lr {params.lr} {params.schedule}"
             )

@@ -17,7 +17,12 @@ import numpy as np
 import pytest
 import yaml
 
+from mnist_pipeline.numerics import KERNELS, pin_kernels
 from mnist_pipeline.params import TrainParams
+
+# The tests that train in this process compute as the stages do, with the numeric settings that
+# each stage makes before torch loads. Commands run as a user runs them (`run`) go without them.
+pin_kernels()
 
 PROJECT = Path(__file__).resolve().parent.parent
 # Small settings for the unit tests of training and the optimizer; each test changes what it needs.
@@ -33,6 +38,7 @@ TRAIN_PARAMS = TrainParams(
     seed=1,
     device="cpu",
     precision="fp32",
+    arithmetic="portable",
     num_threads=0,
     nproc=1,
     nnodes=1,
@@ -129,21 +135,29 @@ def set_params(project: Path, **train: object) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run(
-    project: Path, *command: str, mirror: str | None = None, check: bool = True, tools: Path | None = None
-) -> subprocess.CompletedProcess:
-    """Run a command (dvc, python, ...) in `project` as a user would, with this environment activated.
+def user_environment(mirror: str | None = None, tools: Path | None = None, **variables: str) -> dict[str, str]:
+    """A user's environment with this project's environment activated, plus MNIST_MIRROR=`mirror`,
+    `tools` (a directory, e.g. with a stand-in command) first on the PATH, and `variables`.
 
-    Activated as `source .venv/bin/activate` does it, nothing more: the copy's own code must be
-    what its stages import. `tools`: a directory put first on the PATH (e.g. with a stand-in command).
+    Activated as `source .venv/bin/activate` does it, nothing more: no numeric settings or
+    PYTHONHASHSEED from this test run (the stages must make their own) and no PYTHONPATH (the
+    code that a copy's stages import must be the copy's own).
     """
-    env = {k: v for k, v in os.environ.items() if k not in ("MNIST_MIRROR", "PYTHONHASHSEED")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MNIST_MIRROR", "PYTHONHASHSEED", *KERNELS)}
     first = [str(tools)] if tools else []
     venv = Path(sys.executable).parent
     env["PATH"] = os.pathsep.join([*first, str(venv), env["PATH"]])
     env["VIRTUAL_ENV"] = str(venv.parent)
     if mirror is not None:
         env["MNIST_MIRROR"] = mirror
+    return env | variables
+
+
+def run(
+    project: Path, *command: str, mirror: str | None = None, check: bool = True, tools: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run a command (dvc, python, ...) in `project` as a user would (see user_environment)."""
+    env = user_environment(mirror, tools)
     result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN_PARAMS, copy_project, run, set_params, stage_command
+from conftest import TRAIN_PARAMS, copy_project, run, set_params, stage_command, user_environment
 
 from mnist_pipeline.distributed import cluster
 from mnist_pipeline.stage import PipelineError
@@ -71,15 +71,10 @@ def test_two_processes_train_as_one_does_and_rank_0_alone_writes(one_and_two_pro
     assert two_metrics["test"]["accuracy"] > 0.9
     # Rank 0 alone talks and logs: one start line, one row per epoch (and epoch 0).
     assert [line for line in result.stdout.splitlines() if line.startswith("training on")] == [
-        "training on cpu x 2 processes (fp32, 1 thread): 600 images, 3 epochs, batch 63, sgd lr 0.1 constant"
+        "training on cpu x 2 processes (fp32 portable, 1 thread): 600 images, 3 epochs, batch 63, sgd lr 0.1 constant"
     ]
     assert [row.split("\t")[0] for row in steps.splitlines()] == ["step", "0", "1", "2", "3"]
     assert "error" not in result.stderr and "Traceback" not in result.stderr
-
-
-def user_environment(**variables: str) -> dict[str, str]:
-    """This environment activated, as a user's shell has it, plus `variables`."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **variables}
 
 
 def start_training(project: Path, **params: object) -> subprocess.Popen:

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import FILES, PROJECT, write_mirror
+from conftest import FILES, PROJECT, user_environment, write_mirror
 
 from mnist_pipeline import download
 from mnist_pipeline.download import (
@@ -293,7 +293,7 @@ def start_stage(tmp_path) -> Iterator[Callable[..., subprocess.Popen]]:
     stages = []
 
     def start(checksums: str, **variables: str) -> subprocess.Popen:
-        env = {k: v for k, v in os.environ.items() if k not in ("MNIST_MIRROR", "MNIST_DOWNLOAD_DEADLINE", "DVC_ROOT")}
+        env = {k: v for k, v in user_environment().items() if k not in ("MNIST_DOWNLOAD_DEADLINE", "DVC_ROOT")}
         env["PYTHONDONTWRITEBYTECODE"] = "1"  # leave no __pycache__ in the checkout
         table, out = tmp_path / "mnist.md5", tmp_path / "data" / "mnist"
         table.write_text(checksums)

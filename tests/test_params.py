@@ -22,6 +22,7 @@ train:
   seed: 0
   device: cpu
   precision: fp32
+  arithmetic: portable
   num_threads: 0
   nproc: 1
   nnodes: 1
@@ -48,6 +49,7 @@ def test_the_project_defaults_are_the_tutorial_setup():
         seed=1,
         device="auto",
         precision="fp32",
+        arithmetic="portable",
         num_threads=0,
         nproc=1,
         nnodes=1,
@@ -80,6 +82,7 @@ def test_valid_params_load_as_typed_settings(tmp_path):
         ("optimizer: sgd", "optimizer: adam", "train.optimizer must be sgd or adamw, got 'adam'"),
         ("schedule: constant", "schedule: cosine", "train.schedule must be constant or onecycle, got 'cosine'"),
         ("precision: fp32", "precision: fp16", "train.precision must be fp32 or bf16, got 'fp16'"),
+        ("arithmetic: portable", "arithmetic: exact", "train.arithmetic must be portable or native, got 'exact'"),
         ("num_threads: 0", "num_threads: -1", r"train.num_threads must be an integer from 0 \(all cores\) to \d+"),
         ("num_threads: 0", "num_threads: 100000", r"to \d+ \(this machine's cores\), got 100000"),
         ("nproc: 1", "nproc: 0", r"train.nproc must be a positive integer, got 0"),
