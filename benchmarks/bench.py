@@ -8,7 +8,8 @@ ratios are taken within a round, between neighbours.
 
   tutorial  benchmarks/tutorial_baseline.py: the seed tutorial's loop, with its test pass per epoch
   repro     `dvc repro --force --downstream train`: train, evaluate and export at default params
-  variants  the train and evaluate stages alone, at other precisions, thread and process counts, and the recipes
+  variants  the train and evaluate stages alone: each recipe with the portable arithmetic (the default)
+            and with the machine's native one, in turn; bf16 where the CPU has it; 1 thread; 2 processes
   exp-run   `dvc exp run -S train.epochs=1` (a new seed each time, so nothing is cached), the same
             in a bare DVC project whose three stages only import torch (the least three torch
             stages can take), `python -c "import torch"` three times, then back to the baseline:
@@ -21,7 +22,6 @@ ratios are taken within a round, between neighbours.
 
 import argparse
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -35,6 +35,9 @@ from pathlib import Path
 
 import torch
 import yaml
+
+from mnist_pipeline.numerics import describe_cpu
+from mnist_pipeline.training import cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_IMAGES = 60_000
@@ -51,12 +54,13 @@ def overrides(name: str) -> dict:
     return {key.removeprefix("train."): yaml.safe_load(value) for key, value in (o.split("=", 1) for o in recipe(name))}
 
 
+RECIPES = {"default": {}, "fast": overrides("fast"), "best": overrides("best")}
+NATIVE = {"arithmetic": "native"}
 VARIANTS = {
-    "default": {},
-    "bf16": {"precision": "bf16"},
+    **RECIPES,
+    **{f"{name}, native": params | NATIVE for name, params in RECIPES.items()},
+    "fast, bf16": RECIPES["fast"] | NATIVE | {"precision": "bf16"},  # where the CPU has native bf16
     "1-thread": {"num_threads": 1},
-    "fast": overrides("fast"),
-    "best": overrides("best"),
     "2 processes": {"nproc": 2},  # data-parallel through torchrun, a thread each
 }
 
@@ -308,6 +312,17 @@ def run_sweep(scratch: Scratch, workers: int) -> float:
     return wall
 
 
+def variants_in_order(round_number: int) -> list[str]:
+    """Each recipe's portable and native runs side by side, which first alternating from round to
+    round so that neither always meets a warmer machine; bf16 only where the CPU has it natively."""
+    names = []
+    for recipe_name in RECIPES:
+        pair = [recipe_name, f"{recipe_name}, native"]
+        names += pair if round_number % 2 else pair[::-1]
+    bf16 = ["fast, bf16"] if cpu_has_native_bf16() else []
+    return [*names, *bf16, "1-thread", "2 processes"]
+
+
 def spread(values: list[float], digits: int = 1) -> str:
     """Median, then min-max when the values differ."""
     median = f"{statistics.median(values):.{digits}f}"
@@ -340,7 +355,7 @@ def main() -> None:
             if "repro" in chosen:
                 record("repro", lambda: run_repro(scratch))
             if "variants" in chosen:
-                for name in VARIANTS:
+                for name in variants_in_order(round_number):
                     record(name, lambda name=name: run_variant(scratch, name))
             if "exp-run" in chosen:
                 record("exp-run", lambda: run_experiment(scratch, bare))
@@ -362,8 +377,8 @@ def render(results: dict[str, list], runs: int) -> str:
         return [result[key] for result in results[name]]
 
     sections = [
-        f"`make bench`: {runs} rounds on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}. Medians, with the spread (min-max) in brackets.\n"
+        f"`make bench`: {runs} rounds on {describe_cpu()}, torch {torch.__version__}. "
+        "Medians, with the spread (min-max) in brackets.\n"
     ]
     if "tutorial" in results and "repro" in results:
         ratios = [r["wall"] / t["wall"] for r, t in zip(results["repro"], results["tutorial"], strict=True)]
@@ -384,13 +399,28 @@ def render(results: dict[str, list], runs: int) -> str:
             "| peak RSS MB | accuracy |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for name in VARIANTS:
+        for name in [name for name in VARIANTS if name in results]:
             samples = statistics.median(column(name, "images")) / statistics.median(column(name, "train"))
             rows.append(
                 f"| {name} | {spread(column(name, 'wall'))} | {spread(column(name, 'train'), 2)} | "
                 f"{spread(column(name, 'startup'), 2)} | {spread(column(name, 'dvclive'), 2)} | {samples:,.0f} | "
                 f"{statistics.median(column(name, 'rss')) / 2**20:,.0f} | "
                 f"{statistics.median(column(name, 'accuracy')):.4f} |"
+            )
+        sections.append("\n".join(rows) + "\n")
+    if "default" in results:
+        rows = [
+            "| recipe | train s, portable | train s, native | portable / native, within each round "
+            "| accuracy, portable | accuracy, native |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name in RECIPES:
+            native = f"{name}, native"
+            ratios = [p["train"] / n["train"] for p, n in zip(results[name], results[native], strict=True)]
+            rows.append(
+                f"| {name} | {spread(column(name, 'train'), 2)} | {spread(column(native, 'train'), 2)} | "
+                f"{spread(ratios, 2)} | {statistics.median(column(name, 'accuracy')):.4f} | "
+                f"{statistics.median(column(native, 'accuracy')):.4f} |"
             )
         sections.append("\n".join(rows) + "\n")
     if "exp-run" in results:

@@ -16,11 +16,30 @@ This module imports no torch, so that it can run first.
 
 import os
 import platform
+from pathlib import Path
 
 # The environment that pins ATen to its AVX2 kernels, on x86-64 (elsewhere the names differ, and
 # identity across machines is not claimed).
 KERNELS = {"ATEN_CPU_CAPABILITY": "avx2"}
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+# The instruction-set extensions that decide which kernels torch, MKL and oneDNN run.
+ISA_EXTENSIONS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "sve")
+
+
+def describe_cpu() -> str:
+    """This CPU as far as the arithmetic cares: model, vendor, the ISA extensions that pick kernels, cores."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        fields = (line.split(":", 1) for line in lines if ":" in line)
+        info = {key.strip(): value.strip() for key, value in fields}
+    except OSError:  # not Linux
+        info = {}
+    flags = set(info.get("flags", info.get("Features", "")).split())
+    extensions = " ".join(name for name in ISA_EXTENSIONS if name in flags) or "none of " + " ".join(ISA_EXTENSIONS)
+    model = info.get("model name") or platform.processor() or platform.machine()
+    where = f"{info['vendor_id']}, family {info['cpu family']} model {info['model']}, " if "vendor_id" in info else ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model} ({where}{extensions}; {cores} cores)"
 
 
 def pin_kernels() -> None:

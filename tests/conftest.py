@@ -5,6 +5,7 @@ import hashlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -128,6 +129,11 @@ def copy_project(destination: Path, checksums: str | None = None) -> Path:
     return destination
 
 
+# Far beyond any command of the suite (the longest, the real baseline's `dvc repro`, takes about a
+# minute), so that only a hang reaches it, even on a slow and busy machine.
+COMMAND_TIMEOUT = 900
+
+
 def set_params(project: Path, **train: object) -> None:
     """Overwrite train.* values in a copy's params.yaml."""
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -154,11 +160,29 @@ def user_environment(mirror: str | None = None, tools: Path | None = None, **var
 
 
 def run(
-    project: Path, *command: str, mirror: str | None = None, check: bool = True, tools: Path | None = None
+    project: Path,
+    *command: str,
+    mirror: str | None = None,
+    check: bool = True,
+    tools: Path | None = None,
+    **variables: str,
 ) -> subprocess.CompletedProcess:
-    """Run a command (dvc, python, ...) in `project` as a user would (see user_environment)."""
-    env = user_environment(mirror, tools)
-    result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
+    """Run a command (dvc, python, ...) in `project` as a user would (see user_environment).
+
+    A command still running after COMMAND_TIMEOUT is a hang: it is killed, with every process it
+    started (a stage under dvc, its ranks), so that none is left holding CPU cores, and fails the test.
+    """
+    env = user_environment(mirror, tools, **variables)
+    process = subprocess.Popen(
+        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{' '.join(command)} hung for {COMMAND_TIMEOUT} s:\n{stdout}\n{stderr}") from None
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

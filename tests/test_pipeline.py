@@ -4,7 +4,9 @@ import json
 import math
 import re
 import shutil
+import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -231,19 +233,29 @@ def test_missing_device_is_a_clear_error(tmp_path):
     assert result.stderr.strip() == "error: params.yaml: train.device is 'cuda' but this machine has no cuda device"
 
 
-def test_download_stage_falls_back_and_reports_every_mirror(tmp_path, synthetic_mirror, http_root):
+@pytest.fixture
+def refusing_url() -> Iterator[str]:
+    """A loopback URL whose port refuses connections: bound for the test's length, never listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_download_stage_falls_back_and_reports_every_mirror(tmp_path, synthetic_mirror, http_root, refusing_url):
     _, checksums = synthetic_mirror
     _, url = http_root
     project = copy_project(tmp_path / "project", checksums)
-    result = run(project, "dvc", "repro", "download", mirror=f"{url}/absent", check=False)
+    # The official mirrors come next: reached through a proxy that refuses every connection, so that
+    # the test needs no network and fails the same everywhere (loopback goes direct).
+    offline = {"http_proxy": refusing_url, "https_proxy": refusing_url, "no_proxy": "127.0.0.1"}
+    result = run(project, "dvc", "repro", "download", mirror=f"{url}/absent", check=False, **offline)
     assert result.returncode != 0
     error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
     assert error.startswith("error: could not get train-images-idx3-ubyte.gz from any mirror: ")
     assert f"{url}/absent/: HTTP 404" in error
-    # The official mirrors come next; offline they fail to connect, online their real MNIST
-    # does not match this copy's synthetic checksums.
     assert "https://ossci-datasets.s3.amazonaws.com/mnist/: " in error
     assert "http://yann.lecun.com/exdb/mnist/: " in error
+    assert error.count("Connection refused") == 2
     assert "Traceback" not in result.stderr
     assert list((project / "data").glob("mnist/*")) == []  # nothing half-written
 

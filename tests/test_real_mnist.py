@@ -1,4 +1,5 @@
-"""End to end on the real MNIST files: two epochs through `dvc repro`, then the model used with torch alone."""
+"""End to end on the real MNIST files: the default params through `dvc repro`, as a user runs them on a
+fresh clone, must give the committed baseline byte for byte; then the model is used with torch alone."""
 
 import hashlib
 import json
@@ -13,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PROJECT, copy_project, run, set_params
+from conftest import PROJECT, copy_project, run
 from PIL import Image
 
 from mnist_pipeline.data import load_mnist
+from mnist_pipeline.numerics import describe_cpu
 
 MIRROR = os.environ.get("MNIST_MIRROR")
 pytestmark = pytest.mark.skipif(
@@ -27,19 +29,40 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A copy of the project (with the published checksums) after `dvc repro` with two epochs.
-
-    One epoch of the default recipe lands at 0.896-0.905 depending on the seed; two clear 0.9.
-    """
+def reproduced(tmp_path_factory):
+    """A copy of the project, committed as it is (dvc.lock and metrics/ included), after `dvc repro`
+    with the default params: the user's `make repro` on a fresh clone. Returns the copy and what
+    `git status` then says changed."""
     copy = copy_project(tmp_path_factory.mktemp("real"))
-    set_params(copy, epochs=2)
     # A relative MNIST_MIRROR is relative to the project root, not to the copy.
     mirror = MIRROR if "://" in MIRROR else str((PROJECT / MIRROR).resolve())
     run(copy, "dvc", "repro", mirror=mirror)
+    return copy, run(copy, "git", "status", "--porcelain").stdout.splitlines()
+
+
+@pytest.fixture(scope="module")
+def project(reproduced):
+    """The reproduced copy, whatever this machine computed, committed."""
+    copy, _ = reproduced
     run(copy, "git", "add", "-A")
-    run(copy, "git", "commit", "-qm", "two epochs")
+    run(copy, "git", "commit", "-qm", "reproduced", "--allow-empty")
     return copy
+
+
+def test_dvc_repro_gives_the_committed_baseline_byte_for_byte(reproduced):
+    """The project's promise: a clone reproduces dvc.lock and every tracked output exactly, on this machine."""
+    _, changed = reproduced
+    files = ", ".join(line[3:] for line in changed)
+    assert changed == [], (
+        f"dvc repro with the committed params did not reproduce the committed baseline on this machine: "
+        f"{describe_cpu()}, torch {torch.__version__}. These files differ (git status): {files}"
+    )
+
+
+def test_the_default_recipe_reaches_97_percent(project):
+    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    assert metrics["accuracy"] > 0.97
+    assert 0 < metrics["loss"] < 0.1
 
 
 def test_download_gives_the_known_dataset(project):
@@ -51,14 +74,9 @@ def test_download_gives_the_known_dataset(project):
     assert test_images.shape == (10000, 28, 28)
 
 
-def test_two_epochs_reach_90_percent(project):
-    metrics = json.loads((project / "metrics" / "eval.json").read_text())
-    assert metrics["accuracy"] > 0.9
-    assert 0 < metrics["loss"] < 0.5
-
-
 def test_exported_model_works_with_torch_alone(project):
-    """A fresh interpreter that imports only torch scores the same accuracy as the metrics."""
+    """A fresh interpreter that imports only torch scores the accuracy of the metrics, give or take a
+    near-tie: the exported model computes with this machine's own products, evaluate with exact ones."""
     script = textwrap.dedent(
         """
         import sys, torch
@@ -92,7 +110,9 @@ def test_exported_model_works_with_torch_alone(project):
     )
     accuracy, imported = result.stdout.split(maxsplit=1)
     assert imported.strip() == "[]"
-    assert float(accuracy) == json.loads((project / "metrics" / "eval.json").read_text())["accuracy"]
+    assert float(accuracy) == pytest.approx(
+        json.loads((project / "metrics" / "eval.json").read_text())["accuracy"], abs=3e-4
+    )
 
 
 HAVE_CPP = bool(shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++")))
@@ -145,7 +165,7 @@ def test_readme_python_snippet_runs_with_torch_alone(project):
     )
     assert result.stdout.splitlines() == [
         "torch.Size([2, 10])",
-        "tensor([1.0000, 1.0000])",
+        "tensor([1., 1.])",
         "torch.Size([5, 10])",
     ]
 
@@ -172,7 +192,7 @@ def test_readme_cpp_example_builds_and_matches_the_metrics(pictures, uv_shim):
     output = run_shell(pictures, readme_blocks("sh")[1], uv_shim)  # cmake's own messages, then ours
     accuracy = json.loads((pictures / "metrics" / "eval.json").read_text())["accuracy"]
     correct, total = re.search(r"^accuracy (\d+)/(\d+) = ", output, re.MULTILINE).groups()
-    assert int(total) == 10000 and int(correct) / int(total) == accuracy
+    assert int(total) == 10000 and int(correct) / int(total) == pytest.approx(accuracy, abs=3e-4)  # as above
     assert re.findall(r"^(digit\.\w+: \d) \(probability", output, re.MULTILINE) == ["digit.pgm: 7", "digit.png: 7"]
 
 
@@ -191,7 +211,7 @@ def test_model_card_is_complete_and_its_hashes_are_true(project):
         assert artifact["sha256"] == hashlib.sha256(content).hexdigest()
     assert card["metrics"]["accuracy"] == json.loads((project / "metrics" / "eval.json").read_text())["accuracy"]
     assert card["architecture"]["layers"] == [784, 520, 320, 240, 120, 10]
-    assert card["training"]["epochs"] == 2 and card["training"]["lr"] == 0.01
+    assert card["training"]["epochs"] == 9 and card["training"]["arithmetic"] == "portable"
     assert card["labels"] == [str(d) for d in range(10)]
     assert card["normalization"] == {"mean": 0.1307, "std": 0.3081, "applied": "inside the model"}
     assert card["torch_version"] == torch.__version__
