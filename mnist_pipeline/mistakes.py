@@ -3,15 +3,19 @@
 Each digit becomes a tile (its caption above it, drawn with Pillow) and torchvision.utils.make_grid
 lays the tiles out. Importing torchvision costs the evaluate stage about 1.3 s, because
 torchvision.ops imports torch._dynamo (README, Performance).
+
+The PNG is compressed by torchvision's own zlib, which its wheel carries, and not by Pillow,
+which uses the system's: a system whose zlib is zlib-ng (Fedora 40 and later) compresses the same
+pixels to other bytes, and the file is a tracked output that must be the same everywhere.
 """
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from torchvision.io import encode_png
+from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import make_grid
 
 from mnist_pipeline.stage import atomic_output
@@ -39,15 +43,15 @@ def captioned(image: np.ndarray, caption: str) -> torch.Tensor:
     return pil_to_tensor(tile)
 
 
-def mistakes_grid(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, losses: np.ndarray) -> Image.Image:
-    """The highest-loss digits of uint8 `images` [N, 28, 28], each captioned with its true and predicted label."""
+def mistakes_grid(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, losses: np.ndarray) -> torch.Tensor:
+    """A uint8 [3, H, W] picture of the highest-loss digits of uint8 `images` [N, 28, 28], each
+    captioned with its true and predicted label."""
     tiles = [captioned(images[i], f"true {labels[i]}, said {predictions[i]}") for i in worst(losses)]
-    return to_pil_image(make_grid(tiles, nrow=COLUMNS, padding=GAP, pad_value=BACKGROUND))
+    return make_grid(tiles, nrow=COLUMNS, padding=GAP, pad_value=BACKGROUND)
 
 
-def write_png(image: Image.Image, path: Path) -> None:
-    """`image` as a PNG, written atomically; the bytes depend only on the pixels."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False)
+def write_png(image: torch.Tensor, path: Path) -> None:
+    """The uint8 [3, H, W] `image` as a PNG, written atomically; the bytes depend only on the pixels."""
+    content = encode_png(image, compression_level=6).numpy().tobytes()
     with atomic_output(path) as file:
-        file.write(buffer.getvalue())
+        file.write(content)

@@ -77,7 +77,7 @@ def test_the_mistakes_grid_shows_the_highest_losses_first_with_their_labels():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8)
     labels, predictions, losses = np.arange(60) % 10, (np.arange(60) + 1) % 10, rng.random(60)
-    grid = np.asarray(mistakes_grid(images, labels, predictions, losses))
+    grid = mistakes_grid(images, labels, predictions, losses).permute(1, 2, 0).numpy()
     side = 28 * SCALE
     assert grid.shape == (5 * (side + CAPTION + GAP) + GAP, COLUMNS * (side + GAP) + GAP, 3)  # COUNT = 40 tiles
     # The first tile is the highest-loss digit, scaled up pixel for pixel, under its caption.
