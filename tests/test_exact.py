@@ -146,3 +146,34 @@ def test_a_training_whose_torch_picked_other_kernels_is_refused(tmp_path):
         "kernels before ATEN_CPU_CAPABILITY=avx2 was set (capability DEFAULT); set train.arithmetic: native"
     ]
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+# Exact products and their gradients on fixed data, as a hash; run under each of MKL's code paths.
+HASH_PRODUCTS = """
+import hashlib, torch
+from mnist_pipeline.exact import ExactLinear
+generator = torch.Generator().manual_seed(3)
+shapes = [(64, 784), (520, 784), (520,), (64, 520)]
+x, weight, bias, grad_y = (torch.randn(*shape, generator=generator) for shape in shapes)
+leaves = [t.requires_grad_() for t in (x, weight, bias)]
+y = ExactLinear.apply(*leaves)
+y.backward(grad_y)
+print(hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in (y, *(leaf.grad for leaf in leaves)))).hexdigest())
+"""
+
+
+def test_products_do_not_depend_on_the_blas_code_path():
+    """MKL picks its kernels for the CPU at hand; MKL_CBWR makes it take those of an older one. The
+    exact products come out the same on each, as they do on another CPU."""
+    hashes = {
+        branch: subprocess.run(
+            [sys.executable, "-c", HASH_PRODUCTS],
+            cwd=PROJECT,
+            env=user_environment(**({"MKL_CBWR": branch} if branch else {})),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for branch in ("", "COMPATIBLE", "AVX2")
+    }
+    assert len(set(hashes.values())) == 1, hashes
