@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -186,6 +187,36 @@ def run(
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@contextmanager
+def started(project: Path, command: list[str], until: str, **variables: str) -> Iterator[subprocess.Popen]:
+    """`command` started in `project` as a user would (see user_environment), yielded once a line of
+    its output starts with `until`.
+
+    No timing is assumed, but no wait is endless either: a command that has not said so after
+    COMMAND_TIMEOUT fails the test. When the block ends, the command is killed if it still runs,
+    with every process it started, so that none is left holding the CPU cores that later
+    trainings wait for.
+    """
+    # Unbuffered, so that the line arrives through the pipe when it is printed.
+    env = user_environment(**variables) | {"PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    watchdog = threading.Timer(COMMAND_TIMEOUT, os.killpg, (process.pid, signal.SIGKILL))
+    watchdog.start()
+    try:
+        found = any(line.startswith(until) for line in process.stdout)
+        watchdog.cancel()
+        if not found:
+            raise AssertionError(f"{' '.join(command)} ended without saying {until!r}: {process.communicate()}")
+        yield process
+    finally:
+        watchdog.cancel()
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
 
 
 def stage_command(project: Path, stage: str) -> list[str]:
