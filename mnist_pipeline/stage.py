@@ -41,6 +41,8 @@ def run_stage(main: Callable[..., None]) -> None:
     """
     rank = f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: " if is_rank() else None
     signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT was inherited ignored
+        signal.signal(signal.SIGINT, _interrupt)  # the same KeyboardInterrupt, which interruptions_deferred can defer
     parser = argparse.ArgumentParser(description=sys.modules[main.__module__].__doc__)
     for name in inspect.signature(main).parameters:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, metavar="PATH")
@@ -65,8 +67,42 @@ def run_stage(main: Callable[..., None]) -> None:
     os._exit(status)
 
 
+_deferring = False
+_pending: signal.Signals | None = None
+
+
 def _interrupt(received: int, frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(received))
+    global _pending
+    if _deferring:
+        _pending = _pending or signal.Signals(received)
+    else:
+        raise KeyboardInterrupt(signal.Signals(received))
+
+
+@contextmanager
+def interruptions_deferred() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise their KeyboardInterrupt only at interruption_point() or at its end.
+
+    Raised between any two bytecodes, it can land inside the code of a library's threads and locks
+    and break it: DVCLive's Live.end() then waits forever for a worker thread that never started
+    or for a lock left held, and tqdm turns it into a RuntimeError that it catches, so training goes on.
+    (Only in a stage: elsewhere Python's own SIGINT handler raises it at once, as before.)
+    """
+    global _deferring
+    _deferring = True
+    try:
+        yield
+    finally:
+        _deferring = False
+        interruption_point()
+
+
+def interruption_point() -> None:
+    """Raise the KeyboardInterrupt of a SIGTERM or SIGINT that arrived while interruptions were deferred."""
+    global _pending
+    if _pending is not None:
+        received, _pending = _pending, None
+        raise KeyboardInterrupt(received)
 
 
 def counted(number: int, noun: str) -> str:

@@ -21,7 +21,14 @@ from mnist_pipeline.metrics import evaluate
 from mnist_pipeline.model import MLP
 from mnist_pipeline.optim import Optimizer
 from mnist_pipeline.params import TrainParams
-from mnist_pipeline.stage import FailureReported, PipelineError, counted, is_rank
+from mnist_pipeline.stage import (
+    FailureReported,
+    PipelineError,
+    counted,
+    interruption_point,
+    interruptions_deferred,
+    is_rank,
+)
 
 PROGRESS_EVERY = 100  # batches between loss readouts: each one waits for the device
 # Training images the untrained model is scored on for epoch 0: as many as the test set has. An
@@ -138,6 +145,7 @@ def stop_if_diverged(
         )
 
 
+@interruptions_deferred()  # a stage's SIGINT or SIGTERM stops it between two steps (see stage.py)
 def train(
     model: MLP,
     images: torch.Tensor,
@@ -188,6 +196,7 @@ def train(
             step_losses = torch.empty(steps_per_epoch, device=device)
             checked = 0
             for step, first in enumerate(range(0, n, params.batch_size), start=1):
+                interruption_point()
                 batch = order[first : first + params.batch_size]
                 mine = batch if world == 1 else batch[rank::world]
                 # index_select copies whole rows; images[batch] goes element by element, 7-26x slower.

@@ -25,6 +25,11 @@ from mnist_pipeline.params import TrainParams
 # The tests that train in this process compute as the stages do, with the numeric settings that
 # each stage makes before torch loads. Commands run as a user runs them (`run`) go without them.
 pin_kernels()
+# A suite started in the background inherits SIGINT ignored, and so would every stage it starts,
+# where a user's Ctrl-C reaches a stage started from a terminal: a handler here (unlike an ignored
+# signal) is not inherited, so the stages start with SIGINT's default, as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 PROJECT = Path(__file__).resolve().parent.parent
 # Small settings for the unit tests of training and the optimizer; each test changes what it needs.

@@ -6,17 +6,17 @@ line and a non-zero exit, leaves nothing half-written, and the next `dvc repro` 
 (Faults of the network and of images are in test_download.py and test_predict.py.)
 """
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import venv
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_project, run, set_params, stage_command
+from conftest import COMMAND_TIMEOUT, copy_project, run, set_params, stage_command, started
 
 OUTPUTS = (
     "models/checkpoint.pt",
@@ -91,36 +91,28 @@ def test_a_damaged_checkpoint_is_one_line_and_the_next_repro_mends_it(downloaded
     assert "Data and pipelines are up to date." in run(project, "dvc", "status").stdout
 
 
-def start_training(project: Path) -> subprocess.Popen:
-    """The train stage's own command, started with a long training; returns once it is training."""
+@contextmanager
+def training(project: Path) -> Iterator[subprocess.Popen]:
+    """The train stage's own command, started with a long training, yielded once it is training.
+
+    Afterwards it is killed if it still runs (see conftest.started), and params.yaml is restored,
+    whatever happened.
+    """
     set_params(project, epochs=100_000)
-    process = subprocess.Popen(
-        stage_command(project, "train"),
-        cwd=project,
-        # Unbuffered, so that "training on" arrives through the pipe when it is printed.
-        env={
-            **os.environ,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "PYTHONUNBUFFERED": "1",
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in process.stdout:  # no timing assumed: wait for the stage to say it is training
-        if line.startswith("training on"):
-            return process
-    raise AssertionError(f"the train stage ended before training: {process.communicate()}")
+    try:
+        with started(project, stage_command(project, "train"), until="training on") as process:
+            yield process
+    finally:
+        run(project, "git", "checkout", "--", "params.yaml")
 
 
 @pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT])
 def test_a_stage_stopped_by_sigterm_or_ctrl_c_says_so_and_leaves_nothing(downloaded, sent):
     project, _ = downloaded
     (project / "models" / "checkpoint.pt").unlink(missing_ok=True)
-    process = start_training(project)
-    process.send_signal(sent)
-    _, stderr = process.communicate(timeout=120)
-    run(project, "git", "checkout", "--", "params.yaml")
+    with training(project) as process:
+        process.send_signal(sent)
+        _, stderr = process.communicate(timeout=COMMAND_TIMEOUT)
     assert process.returncode == 128 + sent
     assert errors(stderr) == [] and "Traceback" not in stderr
     assert stderr.splitlines()[-1] == f"interrupted ({sent.name})"
@@ -130,10 +122,9 @@ def test_a_stage_stopped_by_sigterm_or_ctrl_c_says_so_and_leaves_nothing(downloa
 
 def test_after_sigkill_the_next_repro_succeeds(downloaded):
     project, mirror = downloaded
-    process = start_training(project)
-    process.kill()
-    process.communicate(timeout=120)
-    run(project, "git", "checkout", "--", "params.yaml")
+    with training(project) as process:
+        process.kill()
+        process.communicate(timeout=COMMAND_TIMEOUT)
     assert process.returncode == -signal.SIGKILL
     run(project, "dvc", "repro", mirror=mirror)
     assert "Data and pipelines are up to date." in run(project, "dvc", "status").stdout
