@@ -1,5 +1,6 @@
 """`dvc repro` in temporary copies of the project, on synthetic data served through MNIST_MIRROR."""
 
+import hashlib
 import json
 import math
 import re
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 import vl_convert
+import yaml
 from conftest import PROJECT, copy_project, run, set_params, stage_command
 from dvc_render.html import HTML
 from dvc_render.vega_templates import ConfusionTemplate, LinearTemplate
@@ -80,6 +82,21 @@ def test_repro_writes_metrics_plots_and_models(built):
         "train-images-idx3-ubyte",
         "train-labels-idx1-ubyte",
     ]
+
+
+def test_committed_lock_records_the_committed_code_and_params():
+    """A change to a stage's code or params without `dvc repro` leaves the baseline unreproducible; say which file."""
+    lock = yaml.safe_load((PROJECT / "dvc.lock").read_text())
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    for name, stage in lock["stages"].items():
+        for dep in stage["deps"]:
+            path = PROJECT / dep["path"]
+            if path.is_file():
+                digest = hashlib.md5(path.read_bytes()).hexdigest()
+                assert digest == dep["md5"], f"{dep['path']} changed since dvc.lock's {name} stage: run dvc repro"
+        for section, values in stage.get("params", {}).get("params.yaml", {}).items():
+            for key, value in values.items():
+                assert params[section][key] == value, f"params.yaml {section}.{key} differs from dvc.lock's {name}"
 
 
 def test_second_repro_runs_nothing(built):
