@@ -367,7 +367,9 @@ def main() -> None:
                     record(f"sweep-{workers}", lambda workers=workers: run_sweep(scratch, workers))
     report = render(results, args.runs)
     print("\n" + report)
-    (ROOT / "benchmarks" / "results.md").write_text(report)
+    with (ROOT / "benchmarks" / "results.md").open("a") as log:  # the bench's log: every run, newest last
+        command = " ".join(["python benchmarks/bench.py", *sys.argv[1:]])
+        log.write(f"\n## {time.strftime('%Y-%m-%d %H:%M %Z')}, `{command}`\n\n{report}")
 
 
 def render(results: dict[str, list], runs: int) -> str:
