@@ -3,7 +3,7 @@
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: setup repro test lint format fast best sweep bench report
+.PHONY: setup repro test lint format fast best sweep bench report figures
 
 # Bytecode is compiled once here: every stage starts a fresh interpreter, and containers often
 # set PYTHONDONTWRITEBYTECODE, so without it each one compiles torch's and DVC's sources again.
@@ -36,6 +36,10 @@ sweep: setup
 # Every plot (the workspace against HEAD) as a PNG, with the experiments and metrics as markdown.
 report: setup
 	$(RUN) python -m mnist_pipeline.report report report
+
+# The README's pictures (docs/figures/), drawn from the committed baseline's metrics.
+figures: setup
+	$(RUN) python -m mnist_pipeline.report figures docs/figures
 
 bench: setup
 	$(RUN) python benchmarks/bench.py

@@ -2,6 +2,7 @@
 
     python -m mnist_pipeline.report template .dvc/tmp/offline-plots.html   (make setup)
     python -m mnist_pipeline.report report report/                          (make report)
+    python -m mnist_pipeline.report figures docs/figures/                   (make figures)
 
 `dvc plots show` and `dvc plots diff` write a page that loads vega, vega-lite and vega-embed
 from a CDN, so offline it stays blank. .dvc/config points DVC at the template written here,
@@ -114,15 +115,49 @@ def write_report(folder: Path) -> list[Path]:
     return images
 
 
+# The README's pictures: DVC's plots of the committed baseline, by plot id.
+FIGURES = {
+    "metrics/train/plots/metrics/train/loss.tsv": "training-loss",
+    "metrics/train/plots/metrics/test/accuracy.tsv": "test-accuracy",
+}
+
+
+def write_figures(folder: Path) -> list[Path]:
+    """The README's pictures of the committed baseline: a PNG of each plot in FIGURES, and beside it
+    the Vega-Lite spec it was drawn from, data inline. The pixels depend on the machine's fonts; the
+    spec does not, so it is what a test compares with what this makes from the committed metrics.
+    """
+    if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "metrics"]).returncode != 0:
+        raise SystemExit(
+            "error: metrics/ differs from HEAD; the figures show the committed baseline: git checkout HEAD -- metrics"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    plots = dvc_json("plots", "show")["data"]
+    written = []
+    for plot_id, name in FIGURES.items():
+        [renderer] = plots[plot_id]
+        spec = renderer["content"]
+        (folder / f"{name}.vl.json").write_text(json.dumps(spec, indent=1, sort_keys=True) + "\n")
+        (folder / f"{name}.png").write_bytes(vl_convert.vegalite_to_png(spec, vl_version=VEGA_LITE_VERSION, scale=2))
+        written.append(folder / f"{name}.png")
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("template", help="write the offline template for dvc plots").add_argument("path", type=Path)
     commands.add_parser("report", help="write every plot as a PNG, plus README.md").add_argument("folder", type=Path)
+    commands.add_parser("figures", help="draw the README's plots of the committed baseline").add_argument(
+        "folder", type=Path
+    )
     args = parser.parse_args(argv)
     if args.command == "template":
         args.path.parent.mkdir(parents=True, exist_ok=True)
         args.path.write_text(page_template())
+    elif args.command == "figures":
+        for path in write_figures(args.folder):
+            print(path)
     else:
         images = write_report(args.folder)
         print(f"{args.folder / 'README.md'}: {len(images)} plots as images")

@@ -118,10 +118,10 @@ def test_exported_model_works_with_torch_alone(project):
 HAVE_CPP = bool(shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++")))
 
 
-def readme_blocks(language: str) -> list[str]:
-    """The README's code blocks in `language` from its "Use the model elsewhere" section."""
-    readme = (PROJECT / "README.md").read_text()
-    section = readme.split("## Use the model elsewhere")[1].split("\n## ")[0]
+def readme_blocks(language: str, page: str = "README.md", heading: str = "## Use the model") -> list[str]:
+    """The code blocks in `language` of one section of the README (or of a page in docs/)."""
+    text = (PROJECT / page).read_text()
+    section = text.split(f"{heading}\n")[1].split("\n## ")[0]
     return re.findall(rf"```{language}\n(.*?)```", section, re.DOTALL)
 
 
@@ -196,8 +196,9 @@ def test_readme_cpp_example_builds_and_matches_the_metrics(pictures, uv_shim):
     assert re.findall(r"^(digit\.\w+: \d) \(probability", output, re.MULTILINE) == ["digit.pgm: 7", "digit.png: 7"]
 
 
-def test_readme_artifact_commands_fetch_the_model(project, uv_shim, tmp_path):
-    run_shell(project, readme_blocks("sh")[2], uv_shim)
+def test_the_artifact_commands_fetch_the_model(project, uv_shim, tmp_path):
+    [commands] = readme_blocks("sh", "docs/model.md", "# The model and its contract")
+    run_shell(project, commands, uv_shim)
     assert (project / "shipped.pt").read_bytes() == (project / "models" / "model.pt").read_bytes()
     script = "import dvc.api, sys; print(dvc.api.artifacts_show('mnist-mlp', repo=sys.argv[1])['path'])"
     shown = subprocess.run([sys.executable, "-c", script, str(project)], capture_output=True, text=True, check=True)
