@@ -115,10 +115,10 @@ def write_report(folder: Path) -> list[Path]:
     return images
 
 
-# The README's pictures: DVC's plots of the committed baseline, by plot id.
+# The README's pictures: DVC's plots of the committed baseline, by plot id, with their file names and titles.
 FIGURES = {
-    "metrics/train/plots/metrics/train/loss.tsv": "training-loss",
-    "metrics/train/plots/metrics/test/accuracy.tsv": "test-accuracy",
+    "metrics/train/plots/metrics/train/loss.tsv": ("training-loss", "Training loss (cross-entropy)"),
+    "metrics/train/plots/metrics/test/accuracy.tsv": ("test-accuracy", "Test accuracy"),
 }
 
 
@@ -134,9 +134,10 @@ def write_figures(folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     plots = dvc_json("plots", "show")["data"]
     written = []
-    for plot_id, name in FIGURES.items():
+    for plot_id, (name, title) in FIGURES.items():
         [renderer] = plots[plot_id]
-        spec = renderer["content"]
+        # DVC's spec, titled for a reader rather than by its file, and without the legend of its one revision.
+        spec = renderer["content"] | {"title": title, "config": {"legend": {"disable": True}}}
         (folder / f"{name}.vl.json").write_text(json.dumps(spec, indent=1, sort_keys=True) + "\n")
         (folder / f"{name}.png").write_bytes(vl_convert.vegalite_to_png(spec, vl_version=VEGA_LITE_VERSION, scale=2))
         written.append(folder / f"{name}.png")

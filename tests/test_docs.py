@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PROJECT, copy_project, run
-from dvc.cli import parse_args
+from dvc.cli import DvcParserError, parse_args
 from PIL import Image
 
 from mnist_pipeline.report import FIGURES
@@ -59,7 +59,7 @@ def test_the_readme_draws_the_stage_graph_of_dvc_yaml():
 def test_the_figures_are_what_make_figures_draws_from_the_committed_metrics(tmp_path):
     copy = copy_project(tmp_path)
     run(copy, "python", "-m", "mnist_pipeline.report", "figures", "docs/figures")  # what `make figures` runs
-    for name in FIGURES.values():
+    for name, _ in FIGURES.values():
         # The pixels depend on the machine's fonts; what they are drawn from does not.
         spec = f"docs/figures/{name}.vl.json"
         assert (copy / spec).read_text() == (PROJECT / spec).read_text(), f"{spec} is stale: make figures"
@@ -99,10 +99,10 @@ def test_the_dvc_and_make_commands_in_the_docs_are_valid():
             if words[:1] == ["dvc"]:
                 try:
                     parse_args(words[1:])  # DVC's own command-line parser: subcommand and options
-                except SystemExit:
+                except (SystemExit, DvcParserError):  # an unknown command or option
                     pytest.fail(f"{page.name}: not a valid dvc command: {shlex.join(words)}")
                 checked += 1
             elif words[:1] == ["make"]:
                 assert set(words[1:]) <= targets, f"{page.name}: no such make target: {shlex.join(words)}"
                 checked += 1
-    assert checked > 30
+    assert checked >= 25  # the blocks were found and read
