@@ -22,9 +22,10 @@ setup: $(UV) .dvc/tmp/offline-plots.html
 repro: setup
 	$(RUN) dvc repro
 
-# The recipes in recipes/ as named DVC experiments (`uv run dvc exp show` lists them).
+# The recipes in recipes/ as named DVC experiments (`uv run dvc exp show` lists them), replacing
+# an earlier run of the recipe, if any.
 fast best: setup
-	$(RUN) dvc exp remove --quiet $@ 2>/dev/null || true  # an earlier run of the recipe, if any
+	$(RUN) dvc exp remove --quiet $@ 2>/dev/null || true
 	$(RUN) dvc exp run --name $@ $(addprefix -S ,$(shell grep -v '^#' recipes/$@.txt))
 
 # The grid in recipes/sweep.txt (comma-separated values) through DVC's queue, two workers at a time.

@@ -129,7 +129,8 @@ def write_figures(folder: Path) -> list[Path]:
     """
     if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "metrics"]).returncode != 0:
         raise SystemExit(
-            "error: metrics/ differs from HEAD; the figures show the committed baseline: git checkout HEAD -- metrics"
+            "error: metrics/ differs from HEAD, and the figures show the committed baseline: "
+            "return to it with git checkout -- . && uv run dvc checkout"
         )
     folder.mkdir(parents=True, exist_ok=True)
     plots = dvc_json("plots", "show")["data"]

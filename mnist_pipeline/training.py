@@ -184,7 +184,11 @@ def train(
             initial = evaluate(model, images[:INITIAL_SAMPLE], labels[:INITIAL_SAMPLE])
         report({"epoch": 0, "train/loss": initial.loss, "train/accuracy": initial.accuracy, "lr": optimizer.lr()})
     reporting = time.perf_counter() - started
-    with tqdm(total=params.epochs * n, unit="img", unit_scale=True, desc="train", disable=not lead) as progress:
+    # A terminal redraws the bar in place; a log (dvc queue logs, CI) keeps every redraw: there, one every 30 s.
+    redraw = 0.1 if sys.stderr.isatty() else 30.0
+    with tqdm(
+        total=params.epochs * n, unit="img", unit_scale=True, desc="train", disable=not lead, mininterval=redraw
+    ) as progress:
         for epoch in range(1, params.epochs + 1):
             start = time.perf_counter()
             # Shuffled on the CPU so that every device sees the same order.
@@ -218,7 +222,7 @@ def train(
                     stop_if_diverged(step_losses[checked:step], epoch, checked, optimizer, reported_by_other=not lead)
                     checked = step
                 if lead and step % PROGRESS_EVERY == 0:
-                    progress.set_postfix(epoch=f"{epoch}/{params.epochs}", loss=f"{loss.item():.4f}")
+                    progress.set_postfix(epoch=f"{epoch}/{params.epochs}", loss=f"{loss.item():.4f}", refresh=False)
             if world > 1:
                 torch.distributed.all_reduce(loss_sum)
                 torch.distributed.all_reduce(correct)

@@ -30,13 +30,14 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
-    """A copy of the project, committed as it is (dvc.lock and metrics/ included), after `dvc repro`
-    with the default params: the user's `make repro` on a fresh clone. Returns the copy and what
-    `git status` then says changed."""
+    """A copy of the project, committed as it is (dvc.lock and metrics/ included), after `dvc repro
+    --force` with the default params: the user's `make repro` on a fresh clone, with every stage run.
+    (A plain `dvc repro` skips evaluate there, since its outputs come with git and its deps match.)
+    Returns the copy and what `git status` then says changed."""
     copy = copy_project(tmp_path_factory.mktemp("real"))
     # A relative MNIST_MIRROR is relative to the project root, not to the copy.
     mirror = MIRROR if "://" in MIRROR else str((PROJECT / MIRROR).resolve())
-    run(copy, "dvc", "repro", mirror=mirror)
+    run(copy, "dvc", "repro", "--force", mirror=mirror)
     return copy, run(copy, "git", "status", "--porcelain").stdout.splitlines()
 
 
