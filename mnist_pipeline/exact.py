@@ -3,7 +3,7 @@
 A float32 matrix product adds its terms in the order its BLAS library picks for the CPU at hand
 and the thread count, and float addition is not associative. MKL's products differ in their
 last bits between an Intel and an AMD CPU, and between 1 and 2 threads, even with its
-reproducibility settings (MKL_CBWR: README, Reproducibility), and SGD grows those bits into
+reproducibility settings (MKL_CBWR: docs/reproducibility.md), and SGD grows those bits into
 different weights. Here every operand is rounded to integers times a power of two, with one
 power per row of the left operand and per column of the right one, and with few enough bits
 that every product and every partial sum of those integers is exact in float64. MKL's float64

@@ -2,7 +2,7 @@
 
 Each digit becomes a tile (its caption above it, drawn with Pillow) and torchvision.utils.make_grid
 lays the tiles out. Importing torchvision costs the evaluate stage about 1.3 s, because
-torchvision.ops imports torch._dynamo (README, Performance).
+torchvision.ops imports torch._dynamo (docs/performance.md).
 
 The PNG is compressed by torchvision's own zlib, which its wheel carries, and not by Pillow,
 which uses the system's: a system whose zlib is zlib-ng (Fedora 40 and later) compresses the same

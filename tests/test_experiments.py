@@ -168,7 +168,7 @@ def s3_endpoint():
 
 
 def add_credentials(project: Path) -> None:
-    """Credentials only in the clone's untracked .dvc/config.local, as the README advises."""
+    """Credentials only in the clone's untracked .dvc/config.local, as docs/experiments.md advises."""
     run(project, "dvc", "remote", "modify", "--local", "storage", "access_key_id", "test-key")
     run(project, "dvc", "remote", "modify", "--local", "storage", "secret_access_key", "test-secret")
 
