@@ -115,10 +115,11 @@ def write_report(folder: Path) -> list[Path]:
     return images
 
 
-# The README's pictures: DVC's plots of the committed baseline, by plot id, with their file names and titles.
+# The README's pictures: DVCLive's curves of the committed baseline, by metric, with their file names and
+# titles. (dvc.yaml names the folder DVCLive writes them to; DVCLive names each curve's file after its metric.)
 FIGURES = {
-    "metrics/train/plots/metrics/train/loss.tsv": ("training-loss", "Training loss (cross-entropy)"),
-    "metrics/train/plots/metrics/test/accuracy.tsv": ("test-accuracy", "Test accuracy"),
+    "train/loss": ("training-loss", "Training loss (cross-entropy)"),
+    "test/accuracy": ("test-accuracy", "Test accuracy"),
 }
 
 
@@ -135,8 +136,8 @@ def write_figures(folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     plots = dvc_json("plots", "show")["data"]
     written = []
-    for plot_id, (name, title) in FIGURES.items():
-        [renderer] = plots[plot_id]
+    for metric, (name, title) in FIGURES.items():
+        [renderer] = next(renderers for plot_id, renderers in plots.items() if plot_id.endswith(f"/{metric}.tsv"))
         # DVC's spec, titled for a reader rather than by its file, and without the legend of its one revision.
         spec = renderer["content"] | {"title": title, "config": {"legend": {"disable": True}}}
         (folder / f"{name}.vl.json").write_text(json.dumps(spec, indent=1, sort_keys=True) + "\n")

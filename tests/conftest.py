@@ -147,15 +147,19 @@ def set_params(project: Path, **train: object) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def user_environment(mirror: str | None = None, tools: Path | None = None, **variables: str) -> dict[str, str]:
-    """A user's environment with this project's environment activated, plus MNIST_MIRROR=`mirror`,
-    `tools` (a directory, e.g. with a stand-in command) first on the PATH, and `variables`.
+def bare_environment() -> dict[str, str]:
+    """This test run's environment without what a user's shell would not have: no numeric settings or
+    PYTHONHASHSEED (the stages must make their own), no PYTHONPATH (the code that a copy's stages
+    import must be the copy's own, found as a user's dvc finds it) and no MNIST_MIRROR."""
+    return {k: v for k, v in os.environ.items() if k not in ("MNIST_MIRROR", "PYTHONHASHSEED", "PYTHONPATH", *KERNELS)}
 
-    Activated as `source .venv/bin/activate` does it, nothing more: no numeric settings or
-    PYTHONHASHSEED from this test run (the stages must make their own) and no PYTHONPATH (the
-    code that a copy's stages import must be the copy's own).
+
+def user_environment(mirror: str | None = None, tools: Path | None = None, **variables: str) -> dict[str, str]:
+    """A user's environment (see bare_environment) with this project's environment activated, as
+    `source .venv/bin/activate` does it and nothing more, plus MNIST_MIRROR=`mirror`, `tools` (a
+    directory, e.g. with a stand-in command) first on the PATH, and `variables`.
     """
-    env = {k: v for k, v in os.environ.items() if k not in ("MNIST_MIRROR", "PYTHONHASHSEED", *KERNELS)}
+    env = bare_environment()
     first = [str(tools)] if tools else []
     venv = Path(sys.executable).parent
     env["PATH"] = os.pathsep.join([*first, str(venv), env["PATH"]])
@@ -163,6 +167,14 @@ def user_environment(mirror: str | None = None, tools: Path | None = None, **var
     if mirror is not None:
         env["MNIST_MIRROR"] = mirror
     return env | variables
+
+
+def start(project: Path, command: list[str] | tuple[str, ...], env: dict[str, str]) -> subprocess.Popen:
+    """`command` started in `project` with `env`, in a session of its own, so that it can be killed
+    with every process it starts (a stage under dvc, its ranks)."""
+    return subprocess.Popen(
+        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def run(
@@ -178,10 +190,7 @@ def run(
     A command still running after COMMAND_TIMEOUT is a hang: it is killed, with every process it
     started (a stage under dvc, its ranks), so that none is left holding CPU cores, and fails the test.
     """
-    env = user_environment(mirror, tools, **variables)
-    process = subprocess.Popen(
-        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    process = start(project, command, user_environment(mirror, tools, **variables))
     try:
         stdout, stderr = process.communicate(timeout=COMMAND_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -205,10 +214,7 @@ def started(project: Path, command: list[str], until: str, **variables: str) -> 
     trainings wait for.
     """
     # Unbuffered, so that the line arrives through the pipe when it is printed.
-    env = user_environment(**variables) | {"PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    process = start(project, command, user_environment(**variables) | {"PYTHONUNBUFFERED": "1"})
     watchdog = threading.Timer(COMMAND_TIMEOUT, os.killpg, (process.pid, signal.SIGKILL))
     watchdog.start()
     try:
@@ -222,6 +228,18 @@ def started(project: Path, command: list[str], until: str, **variables: str) -> 
         with suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
+
+
+@contextmanager
+def training(project: Path, **params: object) -> Iterator[subprocess.Popen]:
+    """The train stage's own command with these train params, yielded once it says it is training;
+    killed, with its ranks, when the block ends (see started), and params.yaml restored."""
+    set_params(project, **params)
+    try:
+        with started(project, stage_command(project, "train"), until="training on") as process:
+            yield process
+    finally:
+        run(project, "git", "checkout", "--", "params.yaml")
 
 
 def stage_command(project: Path, stage: str) -> list[str]:

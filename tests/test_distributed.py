@@ -10,8 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from conftest import (
     run,
     set_params,
     stage_command,
-    started,
+    training,
     user_environment,
 )
 
@@ -93,18 +92,6 @@ def test_two_processes_train_as_one_does_and_rank_0_alone_writes(one_and_two_pro
     )
     assert [row.split("\t")[0] for row in steps.splitlines()] == ["step", "0", "1", "2", "3"]
     assert "error" not in result.stderr and "Traceback" not in result.stderr
-
-
-@contextmanager
-def training(project: Path, **params: object) -> Iterator[subprocess.Popen]:
-    """The train stage with these params, yielded once it says it is training; killed, with its
-    ranks, when the block ends (see conftest.started)."""
-    set_params(project, **params)
-    try:
-        with started(project, stage_command(project, "train"), until="training on") as process:
-            yield process
-    finally:
-        run(project, "git", "checkout", "--", "params.yaml")
 
 
 def rank_pid(launcher: int, rank: int) -> int:

@@ -3,6 +3,7 @@ baseline's, the stage graph is dvc.yaml's, and the shell commands they show are 
 
 import re
 import shlex
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ def slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
+@cache
 def anchors(page: Path) -> set[str]:
     text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)  # a "# comment" in a block is no heading
     return {slug(heading) for heading in re.findall(r"^#+ (.+)$", text, re.MULTILINE)}

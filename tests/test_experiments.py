@@ -34,6 +34,15 @@ def baseline(tmp_path_factory, synthetic_mirror):
     run(project, "dvc", "queue", "stop", check=False)  # workers also stop by themselves when idle
 
 
+def test_commands_get_no_pythonpath_from_the_test_run(monkeypatch, tmp_path):
+    """A PYTHONPATH in the shell that started the tests would let a copy's stages import another
+    checkout's package, which no user's dvc does: the commands run without it."""
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    shown = run(tmp_path, "python", "-c", "import os, sys; print(os.environ.get('PYTHONPATH'), str(sys.path))")
+    seen, path = shown.stdout.split(" ", 1)
+    assert seen == "None" and str(tmp_path) not in path
+
+
 def clean(project: Path) -> bool:
     """Whether git and DVC both see the workspace as committed."""
     git = run(project, "git", "status", "--porcelain").stdout

@@ -10,13 +10,11 @@ import re
 import signal
 import subprocess
 import venv
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import COMMAND_TIMEOUT, copy_project, run, set_params, stage_command, started
+from conftest import COMMAND_TIMEOUT, bare_environment, copy_project, run, set_params, stage_command, training
 
 OUTPUTS = (
     "models/checkpoint.pt",
@@ -91,26 +89,11 @@ def test_a_damaged_checkpoint_is_one_line_and_the_next_repro_mends_it(downloaded
     assert "Data and pipelines are up to date." in run(project, "dvc", "status").stdout
 
 
-@contextmanager
-def training(project: Path) -> Iterator[subprocess.Popen]:
-    """The train stage's own command, started with a long training, yielded once it is training.
-
-    Afterwards it is killed if it still runs (see conftest.started), and params.yaml is restored,
-    whatever happened.
-    """
-    set_params(project, epochs=100_000)
-    try:
-        with started(project, stage_command(project, "train"), until="training on") as process:
-            yield process
-    finally:
-        run(project, "git", "checkout", "--", "params.yaml")
-
-
 @pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT])
 def test_a_stage_stopped_by_sigterm_or_ctrl_c_says_so_and_leaves_nothing(downloaded, sent):
     project, _ = downloaded
     (project / "models" / "checkpoint.pt").unlink(missing_ok=True)
-    with training(project) as process:
+    with training(project, epochs=100_000) as process:
         process.send_signal(sent)
         _, stderr = process.communicate(timeout=COMMAND_TIMEOUT)
     assert process.returncode == 128 + sent
@@ -122,7 +105,7 @@ def test_a_stage_stopped_by_sigterm_or_ctrl_c_says_so_and_leaves_nothing(downloa
 
 def test_after_sigkill_the_next_repro_succeeds(downloaded):
     project, mirror = downloaded
-    with training(project) as process:
+    with training(project, epochs=100_000) as process:
         process.kill()
         process.communicate(timeout=COMMAND_TIMEOUT)
     assert process.returncode == -signal.SIGKILL
@@ -166,7 +149,13 @@ def test_a_stage_run_by_a_python_without_the_projects_packages_says_how_to_run_i
     bare = tmp_path / "bare"
     venv.create(bare, with_pip=False)  # what `python` is when `dvc` comes from another environment
     command = stage_command(project, "train")
-    result = subprocess.run([str(bare / "bin" / "python"), *command[1:]], cwd=project, capture_output=True, text=True)
+    result = subprocess.run(
+        [str(bare / "bin" / "python"), *command[1:]],
+        cwd=project,
+        env=bare_environment(),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     [error] = result.stderr.splitlines()
     assert error.startswith(f"error: {bare / 'bin' / 'python'} lacks the project's packages (torch")
