@@ -3,7 +3,7 @@
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: setup repro test lint format fast best sweep bench report figures
+.PHONY: setup repro test lint format fast medium best sweep bench report figures
 
 # Bytecode is compiled once here: every stage starts a fresh interpreter, and containers often
 # set PYTHONDONTWRITEBYTECODE, so without it each one compiles torch's and DVC's sources again.
@@ -24,7 +24,7 @@ repro: setup
 
 # The recipes in recipes/ as named DVC experiments (`uv run dvc exp show` lists them), replacing
 # an earlier run of the recipe, if any.
-fast best: setup
+fast medium best: setup
 	$(RUN) dvc exp remove --quiet $@ 2>/dev/null || true
 	$(RUN) dvc exp run --name $@ $(addprefix -S ,$(shell grep -v '^#' recipes/$@.txt))
 

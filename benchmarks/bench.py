@@ -8,8 +8,12 @@ ratios are taken within a round, between neighbours.
 
   tutorial  benchmarks/tutorial_baseline.py: the seed tutorial's loop, with its test pass per epoch
   repro     `dvc repro --force --downstream train`: train, evaluate and export at default params
-  variants  the train and evaluate stages alone: each recipe with the portable arithmetic (the default)
-            and with the machine's native one, in turn; bf16 where the CPU has it; 1 thread; 2 processes
+  variants  the train and evaluate stages alone: the default, fast and medium recipes with the portable
+            arithmetic (the default) and with the machine's native one, in turn; bf16 where the CPU has
+            it; 1 thread; 2 processes
+  augment   the share of an epoch that augmentation takes: the best recipe for 3 epochs, and the same
+            with every augment strength 0, in turn
+  best      the best recipe (the train and evaluate stages), with train.seed = the round's number
   exp-run   `dvc exp run -S train.epochs=1` (a new seed each time, so nothing is cached), the same
             in a bare DVC project whose three stages only import torch (the least three torch
             stages can take), `python -c "import torch"` three times, then back to the baseline:
@@ -44,24 +48,27 @@ TRAIN_IMAGES = 60_000
 
 
 def recipe(name: str) -> list[str]:
-    """The `train.<key>=<value>` overrides in recipes/<name>.txt."""
+    """The `<section>.<key>=<value>` overrides in recipes/<name>.txt."""
     lines = (ROOT / "recipes" / f"{name}.txt").read_text().splitlines()
     return [line for line in lines if line and not line.startswith("#")]
 
 
 def overrides(name: str) -> dict:
-    """recipes/<name>.txt as train.* values."""
-    return {key.removeprefix("train."): yaml.safe_load(value) for key, value in (o.split("=", 1) for o in recipe(name))}
+    """recipes/<name>.txt as {"<section>.<key>": value}."""
+    return {key: yaml.safe_load(value) for key, value in (line.split("=", 1) for line in recipe(name))}
 
 
-RECIPES = {"default": {}, "fast": overrides("fast"), "best": overrides("best")}
-NATIVE = {"arithmetic": "native"}
+RECIPES = {"default": {}, "fast": overrides("fast"), "medium": overrides("medium")}
+NATIVE = {"train.arithmetic": "native"}
+NO_AUGMENTATION = {key: 0 for key in overrides("best") if key.startswith("augment.")}
 VARIANTS = {
     **RECIPES,
     **{f"{name}, native": params | NATIVE for name, params in RECIPES.items()},
-    "fast, bf16": RECIPES["fast"] | NATIVE | {"precision": "bf16"},  # where the CPU has native bf16
-    "1-thread": {"num_threads": 1},
-    "2 processes": {"nproc": 2},  # data-parallel through torchrun, a thread each
+    "fast, bf16": RECIPES["fast"] | NATIVE | {"train.precision": "bf16"},  # where the CPU has native bf16
+    "1-thread": {"train.num_threads": 1},
+    "2 processes": {"train.nproc": 2},  # data-parallel through torchrun, a thread each
+    "best, 3 epochs": overrides("best") | {"train.epochs": 3},
+    "best, 3 epochs, no augmentation": overrides("best") | {"train.epochs": 3} | NO_AUGMENTATION,
 }
 
 
@@ -213,10 +220,13 @@ def run_repro(scratch: Scratch) -> dict:
     }
 
 
-def run_variant(scratch: Scratch, name: str) -> dict:
-    """The train and evaluate stages on their own, with params overridden, outputs under .bench/."""
+def run_variant(scratch: Scratch, name: str, changes: dict | None = None) -> dict:
+    """The train and evaluate stages on their own, with params overridden (VARIANTS[name] unless
+    `changes`), outputs under .bench/."""
     params = yaml.safe_load((scratch.path / "params.yaml").read_text())
-    params["train"].update(VARIANTS[name])
+    for key, value in (VARIANTS[name] if changes is None else changes).items():
+        section, field = key.split(".")
+        params[section][field] = value
     work = Path(".bench") / name
     (scratch.path / work).mkdir(exist_ok=True)
     (scratch.path / work / "params.yaml").write_text(yaml.safe_dump(params))
@@ -224,6 +234,7 @@ def run_variant(scratch: Scratch, name: str) -> dict:
     train = scratch.run(
         *(sys.executable, "-X", "importtime", "-m", "stages.train", "--params", str(work / "params.yaml")),
         *("--data", "data/mnist", "--checkpoint", checkpoint, "--live", str(work / "live")),
+        *("--augmented", str(work / "augmented.gif")),
     )
     evaluate = scratch.run(
         *(sys.executable, "-m", "stages.evaluate", "--data", "data/mnist", "--checkpoint", checkpoint),
@@ -241,6 +252,19 @@ def run_variant(scratch: Scratch, name: str) -> dict:
         "accuracy": evaluate.number(r"accuracy ([\d.]+)"),
         "images": params["train"]["epochs"] * TRAIN_IMAGES,
     }
+
+
+def run_augment(scratch: Scratch, round_number: int) -> dict:
+    """The best recipe's first 3 epochs with augmentation and without, the first alternating by round."""
+    names = ["best, 3 epochs", "best, 3 epochs, no augmentation"]
+    runs = {name: run_variant(scratch, name) for name in (names if round_number % 2 else names[::-1])}
+    with_it, without = (runs[name]["train"] for name in names)
+    return {"with": with_it, "without": without, "share": 1 - without / with_it}
+
+
+def run_best(scratch: Scratch, seed: int) -> dict:
+    """The best recipe in full, with train.seed = `seed`."""
+    return run_variant(scratch, "best", overrides("best") | {"train.seed": seed}) | {"seed": seed}
 
 
 def run_experiment(scratch: Scratch, bare: Scratch) -> dict:
@@ -277,7 +301,7 @@ def run_parallel(scratch: Scratch) -> dict:
     def command(name: str) -> list[str]:
         return [
             *(sys.executable, "-m", "stages.train", "--params", ".bench/two-epochs.yaml", "--data", "data/mnist"),
-            *("--checkpoint", f".bench/{name}.pt", "--live", f".bench/{name}"),
+            *("--checkpoint", f".bench/{name}.pt", "--live", f".bench/{name}", "--augmented", f".bench/{name}.png"),
         ]
 
     alone = scratch.run(*command("alone")).wall
@@ -331,7 +355,7 @@ def spread(values: list[float], digits: int = 1) -> str:
 
 
 def main() -> None:
-    cases = ["tutorial", "repro", "variants", "exp-run", "parallel", "sweep"]
+    cases = ["tutorial", "repro", "variants", "augment", "best", "exp-run", "parallel", "sweep"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", nargs="+", choices=cases, help="cases to run (default: all)")
@@ -342,7 +366,7 @@ def main() -> None:
     def record(name: str, measure: Callable[[], dict | float]) -> None:
         result = measure()
         results.setdefault(name, []).append(result)
-        shown = result if isinstance(result, float) else result.get("wall", result.get("both"))
+        shown = result if isinstance(result, float) else result.get("wall", result.get("both", result.get("with")))
         print(f"  {name}: {shown:.1f} s", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="mnist-bench-") as parent:
@@ -357,6 +381,10 @@ def main() -> None:
             if "variants" in chosen:
                 for name in variants_in_order(round_number):
                     record(name, lambda name=name: run_variant(scratch, name))
+            if "augment" in chosen:
+                record("augment", lambda round_number=round_number: run_augment(scratch, round_number))
+            if "best" in chosen:
+                record("best", lambda seed=round_number: run_best(scratch, seed))
             if "exp-run" in chosen:
                 record("exp-run", lambda: run_experiment(scratch, bare))
             if "parallel" in chosen:
@@ -424,6 +452,26 @@ def render(results: dict[str, list], runs: int) -> str:
                 f"{spread(ratios, 2)} | {statistics.median(column(name, 'accuracy')):.4f} | "
                 f"{statistics.median(column(native, 'accuracy')):.4f} |"
             )
+        sections.append("\n".join(rows) + "\n")
+    if "augment" in results:
+        sections.append(
+            "| augmentation, best recipe (batch 256), 3 epochs | train s |\n|---|---:|\n"
+            f"| with augmentation | {spread(column('augment', 'with'), 2)} |\n"
+            f"| every augment strength 0 | {spread(column('augment', 'without'), 2)} |\n"
+            f"| augmentation's share of the epoch, within each round | {spread(column('augment', 'share'), 3)} |\n"
+        )
+    if "best" in results:
+        rows = ["| best recipe, train + evaluate stages | train s | wall s | test accuracy |", "|---|---:|---:|---:|"]
+        for result in results["best"]:
+            rows.append(
+                f"| train.seed {result['seed']} | {result['train']:.1f} | {result['wall']:.1f} | "
+                f"{result['accuracy']:.4f} |"
+            )
+        accuracies = column("best", "accuracy")
+        rows.append(
+            f"| median (spread) | {spread(column('best', 'train'))} | {spread(column('best', 'wall'))} | "
+            f"{spread(accuracies, 4)} |"
+        )
         sections.append("\n".join(rows) + "\n")
     if "exp-run" in results:
         sections.append(

@@ -38,6 +38,16 @@ class TrainParams:
     nnodes: int
 
 
+@dataclass(frozen=True)
+class AugmentParams:
+    rotation: float  # degrees
+    scale: float
+    shear: float  # degrees
+    translation: float  # pixels
+    elastic_alpha: float  # pixels
+    elastic_sigma: float  # pixels
+
+
 # For each parameter: a test of its value and what the error says was expected.
 CHECKS = {
     "model.hidden_sizes": (
@@ -65,6 +75,21 @@ CHECKS = {
         lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
         "one of auto, cpu, cuda, cuda:N, mps",
     ),
+    "augment.rotation": (lambda v: _is_number(v) and 0 <= v <= 180, "a number of degrees from 0 to 180"),
+    "augment.scale": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "augment.shear": (lambda v: _is_number(v) and 0 <= v < 90, "a number of degrees in [0, 90)"),
+    "augment.translation": (lambda v: _is_number(v) and 0 <= v < math.inf, "a non-negative finite number of pixels"),
+    "augment.elastic_alpha": (lambda v: _is_number(v) and 0 <= v < math.inf, "a non-negative finite number of pixels"),
+    "augment.elastic_sigma": (lambda v: _is_number(v) and 0 <= v < math.inf, "a non-negative finite number of pixels"),
+}
+# Checks of two parameters together, by section: (test of the section's values, what the error says).
+JOINT_CHECKS = {
+    "augment": [
+        (
+            lambda v: v["elastic_alpha"] == 0 or v["elastic_sigma"] > 0,
+            "augment.elastic_alpha above 0 needs augment.elastic_sigma above 0 (unsmoothed noise is no distortion)",
+        )
+    ],
 }
 
 
@@ -101,6 +126,9 @@ def load_params(path: Path, section: str, cls: type) -> Any:
         check, expected = CHECKS[name]
         if not check(values[key]):
             raise PipelineError(f"{path}: {name} must be {expected}, got {values[key]!r}")
+    for check, message in JOINT_CHECKS.get(section, []):
+        if not check(values):
+            raise PipelineError(f"{path}: {message}")
     return cls(**{key: values[key] for key in names})
 
 

@@ -18,6 +18,10 @@ import sys
 from pathlib import Path
 
 import vl_convert
+import yaml
+
+from mnist_pipeline.numerics import pin_kernels
+from mnist_pipeline.stage import PipelineError
 
 # DVC's plot templates are Vega-Lite 5 specs.
 VEGA_LITE_VERSION = "5.21"
@@ -121,6 +125,7 @@ FIGURES = {
     "train/loss": ("training-loss", "Training loss (cross-entropy)"),
     "test/accuracy": ("test-accuracy", "Test accuracy"),
 }
+AUGMENTATION_FIGURE = "augmentation.gif"  # what the best recipe's augmentation does, drawn from data/mnist
 
 
 def write_figures(folder: Path) -> list[Path]:
@@ -134,8 +139,8 @@ def write_figures(folder: Path) -> list[Path]:
             "return to it with git checkout -- . && uv run dvc checkout"
         )
     folder.mkdir(parents=True, exist_ok=True)
+    written = [write_augmentation_figure(folder / AUGMENTATION_FIGURE)]
     plots = dvc_json("plots", "show")["data"]
-    written = []
     for metric, (name, title) in FIGURES.items():
         [renderer] = next(renderers for plot_id, renderers in plots.items() if plot_id.endswith(f"/{metric}.tsv"))
         # DVC's spec, titled for a reader rather than by its file, and without the legend of its one revision.
@@ -144,6 +149,30 @@ def write_figures(folder: Path) -> list[Path]:
         (folder / f"{name}.png").write_bytes(vl_convert.vegalite_to_png(spec, vl_version=VEGA_LITE_VERSION, scale=2))
         written.append(folder / f"{name}.png")
     return written
+
+
+def write_augmentation_figure(path: Path) -> Path:
+    """The train stage's picture of augmented digits (first row as they are, then four deformations),
+    for the augment params of recipes/best.txt and the train.seed of params.yaml, drawn from data/mnist.
+    It has no text, so its bytes are the same on every machine, as the train stage's picture's are."""
+    # Torch loads here, after its kernels are pinned as in every stage (numerics.py), since the pixels
+    # must be the ones every machine draws; the other commands of this module need no torch.
+    pin_kernels()
+    import torch
+
+    from mnist_pipeline.augment import examples
+    from mnist_pipeline.data import load_mnist, to_tensors
+    from mnist_pipeline.params import AugmentParams
+    from mnist_pipeline.pictures import digits_grid, write_gif
+
+    recipe = [line.split("=", 1) for line in Path("recipes/best.txt").read_text().splitlines() if "=" in line]
+    augment = AugmentParams(
+        **{key.removeprefix("augment."): float(v) for key, v in recipe if key.startswith("augment.")}
+    )
+    seed = yaml.safe_load(Path("params.yaml").read_text())["train"]["seed"]
+    images, labels = to_tensors(*load_mnist(Path("data/mnist"), "train"), torch.device("cpu"))
+    write_gif(digits_grid(examples(images, labels, augment, seed)), path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,8 +188,11 @@ def main(argv: list[str] | None = None) -> None:
         args.path.parent.mkdir(parents=True, exist_ok=True)
         args.path.write_text(page_template())
     elif args.command == "figures":
-        for path in write_figures(args.folder):
-            print(path)
+        try:
+            written = write_figures(args.folder)
+        except PipelineError as error:  # no data/mnist: the augmentation figure is drawn from it
+            raise SystemExit(f"error: {error}") from None
+        print(*written, sep="\n")
     else:
         images = write_report(args.folder)
         print(f"{args.folder / 'README.md'}: {len(images)} plots as images")

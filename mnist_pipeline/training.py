@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from mnist_pipeline.augment import Augmentation
 from mnist_pipeline.data import scale_pixels
 from mnist_pipeline.distributed import rank_and_world
 from mnist_pipeline.exact import ExactProducts, check_portable_kernels
 from mnist_pipeline.metrics import evaluate
 from mnist_pipeline.model import MLP
 from mnist_pipeline.optim import Optimizer
-from mnist_pipeline.params import TrainParams
+from mnist_pipeline.params import AugmentParams, TrainParams
 from mnist_pipeline.stage import (
     FailureReported,
     PipelineError,
@@ -151,9 +152,11 @@ def train(
     images: torch.Tensor,
     labels: torch.Tensor,
     params: TrainParams,
+    augment: AugmentParams,
     report: Callable[[dict], None] | None,
 ) -> None:
-    """Minimize cross-entropy on uint8 `images` [N, 784], passing `report` a row per epoch.
+    """Minimize cross-entropy on uint8 `images` [N, 784], deformed as `augment` says, passing
+    `report` a row per epoch.
 
     A row holds the epoch, the mean loss and the accuracy on the batches it trained on
     ("train/loss", "train/accuracy") and the learning rate of its last step ("lr"). It starts with
@@ -176,6 +179,7 @@ def train(
     # Around every forward pass, the test passes in `report` included (backward follows the forward).
     products = ExactProducts() if params.arithmetic == "portable" else nullcontext()
     shuffle = torch.Generator().manual_seed(params.seed)
+    augmentation = Augmentation(augment, params.seed, device)
     replica = model if world == 1 else DistributedDataParallel(model)  # its backward averages the gradients
     model.train()
     started = time.perf_counter()
@@ -205,6 +209,7 @@ def train(
                 mine = batch if world == 1 else batch[rank::world]
                 # index_select copies whole rows; images[batch] goes element by element, 7-26x slower.
                 x, y = scale_pixels(images.index_select(0, mine)), labels.index_select(0, mine)
+                x = augmentation(x, len(batch), share=slice(rank, None, world))
                 with autocast, products:
                     logits = replica(x)
                     loss = batch_loss(logits, y, len(batch), world, params.label_smoothing)

@@ -10,8 +10,8 @@ from mnist_pipeline.cores import reserved_cores
 from mnist_pipeline.data import load_mnist, to_tensors
 from mnist_pipeline.exact import ExactProducts
 from mnist_pipeline.metrics import evaluate, per_class_accuracy
-from mnist_pipeline.mistakes import mistakes_grid, write_png
 from mnist_pipeline.model import load_checkpoint
+from mnist_pipeline.pictures import mistakes_grid, write_png
 from mnist_pipeline.stage import PipelineError, run_stage, write_json, write_table
 
 

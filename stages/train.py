@@ -1,4 +1,5 @@
-"""Stage train: fit the MLP on the training set; write the checkpoint, and log each epoch with DVCLive."""
+"""Stage train: fit the MLP on the training set; write the checkpoint, log each epoch with DVCLive,
+and draw a few training digits beside their augmented versions."""
 
 import dataclasses
 import shutil
@@ -12,18 +13,21 @@ from dvclive import Live
 from tqdm import tqdm
 
 from mnist_pipeline import distributed
+from mnist_pipeline.augment import examples
 from mnist_pipeline.cores import cores_needed, reserved_cores
 from mnist_pipeline.data import load_mnist, to_tensors
 from mnist_pipeline.metrics import evaluate
 from mnist_pipeline.model import MLP, save_checkpoint
-from mnist_pipeline.params import ModelParams, TrainParams, load_params
+from mnist_pipeline.params import AugmentParams, ModelParams, TrainParams, load_params
+from mnist_pipeline.pictures import digits_grid, write_gif
 from mnist_pipeline.stage import counted, is_rank, run_stage
 from mnist_pipeline.training import check_model_fits, configure_device, select_device, train
 
 
-def main(params: Path, data: Path, checkpoint: Path, live: Path) -> None:
+def main(params: Path, data: Path, checkpoint: Path, live: Path, augmented: Path) -> None:
     model_params = load_params(params, "model", ModelParams)
     train_params = load_params(params, "train", TrainParams)
+    augment_params = load_params(params, "augment", AugmentParams)
     device = select_device(train_params.device)
     check_model_fits(model_params.hidden_sizes, train_params, device)
     if distributed.launches_ranks(train_params):
@@ -31,9 +35,9 @@ def main(params: Path, data: Path, checkpoint: Path, live: Path) -> None:
         # The data is checked here first, so that damaged files are one error, not one per rank.
         for split in ("train", "test"):
             load_mnist(data, split)
-        distributed.launch(train_params, device, __spec__.name, sys.argv[1:], outputs=[checkpoint, live])
+        distributed.launch(train_params, device, __spec__.name, sys.argv[1:], outputs=[checkpoint, live, augmented])
         return
-    settings = repr((model_params, train_params))
+    settings = repr((model_params, train_params, augment_params))
     group = distributed.process_group(train_params, device, settings) if is_rank() else nullcontext(device)
     with group as device:  # a rank's own device: its own GPU on CUDA
         configure_device(train_params, device)
@@ -45,10 +49,11 @@ def main(params: Path, data: Path, checkpoint: Path, live: Path) -> None:
         if distributed.rank_and_world()[0] == 0:
             seconds = time.perf_counter() - start
             print(f"loaded {len(images)} training and {len(test_images)} test images in {seconds:.2f} s")
-            log_training(model, images, labels, test_images, test_labels, train_params, live)
+            log_training(model, images, labels, test_images, test_labels, train_params, augment_params, live)
             save_checkpoint(model.cpu(), dataclasses.asdict(train_params), checkpoint)
+            write_gif(digits_grid(examples(images, labels, augment_params, train_params.seed)), augmented)
         else:  # the other ranks train alongside rank 0, which alone logs and writes
-            train(model, images, labels, train_params, report=None)
+            train(model, images, labels, train_params, augment_params, report=None)
 
 
 def log_training(
@@ -58,6 +63,7 @@ def log_training(
     test_images: torch.Tensor,
     test_labels: torch.Tensor,
     params: TrainParams,
+    augment: AugmentParams,
     live: Path,
 ) -> None:
     """Train, logging each epoch with DVCLive in `live`, which is removed if training does not finish."""
@@ -77,7 +83,14 @@ def log_training(
                 f"{len(images)} images, {counted(params.epochs, 'epoch')}, batch {params.batch_size}, "
                 f"{params.optimizer} lr {params.lr} {params.schedule}"
             )
-            train(model, images, labels, params, lambda row: log_epoch(logger, row, model, test_images, test_labels))
+            train(
+                model,
+                images,
+                labels,
+                params,
+                augment,
+                report=lambda row: log_epoch(logger, row, model, test_images, test_labels),
+            )
     except BaseException:
         shutil.rmtree(live, ignore_errors=True)  # the log of a run that did not finish is not a result
         raise

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from mnist_pipeline.numerics import KERNELS, pin_kernels
-from mnist_pipeline.params import TrainParams
+from mnist_pipeline.params import AugmentParams, TrainParams
 
 # The tests that train in this process compute as the stages do, with the numeric settings that
 # each stage makes before torch loads. Commands run as a user runs them (`run`) go without them.
@@ -49,6 +49,9 @@ TRAIN_PARAMS = TrainParams(
     num_threads=0,
     nproc=1,
     nnodes=1,
+)
+NO_AUGMENTATION = AugmentParams(
+    rotation=0.0, scale=0.0, shear=0.0, translation=0.0, elastic_alpha=0.0, elastic_sigma=0.0
 )
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -140,10 +143,10 @@ def copy_project(destination: Path, checksums: str | None = None) -> Path:
 COMMAND_TIMEOUT = 900
 
 
-def set_params(project: Path, **train: object) -> None:
-    """Overwrite train.* values in a copy's params.yaml."""
+def set_params(project: Path, section: str = "train", **values: object) -> None:
+    """Overwrite values of a section (train.* unless named) in a copy's params.yaml."""
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"].update(train)
+    params[section].update(values)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

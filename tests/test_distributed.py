@@ -37,10 +37,12 @@ TWO_CORES = pytest.mark.skipif(machine_cores() < 2, reason="2 processes need 2 C
 
 @pytest.fixture(scope="module")
 def downloaded(tmp_path_factory, synthetic_mirror):
-    """A committed copy with the synthetic data downloaded, 3 epochs of batches that split unevenly, and its mirror."""
+    """A committed copy with the synthetic data downloaded, 3 epochs of batches that split unevenly,
+    every deformation on (each rank deforms its share of the batch), and its mirror."""
     directory, checksums = synthetic_mirror
     project = copy_project(tmp_path_factory.mktemp("distributed"), checksums)
     set_params(project, epochs=3, batch_size=63, lr=0.1)  # 63 = 32 + 31 images a rank
+    set_params(project, "augment", rotation=10, scale=0.1, shear=5, translation=1, elastic_alpha=8, elastic_sigma=3)
     run(project, "dvc", "repro", "download", mirror=str(directory))
     run(project, "git", "add", "-A")
     run(project, "git", "commit", "-qm", "data")

@@ -7,11 +7,11 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT, copy_project, run
+from conftest import FILES, PROJECT, copy_project, idx_bytes, run, synthetic_split
 from dvc.cli import DvcParserError, parse_args
 from PIL import Image
 
-from mnist_pipeline.report import FIGURES
+from mnist_pipeline.report import AUGMENTATION_FIGURE, FIGURES
 
 PAGES = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
@@ -60,7 +60,19 @@ def test_the_readme_draws_the_stage_graph_of_dvc_yaml():
 
 def test_the_figures_are_what_make_figures_draws_from_the_committed_metrics(tmp_path):
     copy = copy_project(tmp_path)
+    result = run(copy, "python", "-m", "mnist_pipeline.report", "figures", "docs/figures", check=False)
+    assert result.returncode != 0  # the augmentation figure is drawn from data/mnist, which the copy lacks
+    assert result.stderr.strip().splitlines() == [
+        "error: data/mnist/train-images-idx3-ubyte: file not found (run the download stage: dvc repro download)"
+    ]
+    # With data (synthetic here: test_real_mnist compares the real picture), all of them.
+    for split in ("train", "test"):
+        for name, array in zip(FILES[split], synthetic_split(200, seed=0), strict=True):
+            (copy / "data" / "mnist").mkdir(parents=True, exist_ok=True)
+            (copy / "data" / "mnist" / name).write_bytes(idx_bytes(array))
     run(copy, "python", "-m", "mnist_pipeline.report", "figures", "docs/figures")  # what `make figures` runs
+    with Image.open(copy / "docs" / "figures" / AUGMENTATION_FIGURE) as picture:
+        assert picture.size == (10 * (3 * 28 + 4) + 4, 5 * (3 * 28 + 4) + 4)  # ten digits, five rows
     for name, _ in FIGURES.values():
         # The pixels depend on the machine's fonts; what they are drawn from does not.
         spec = f"docs/figures/{name}.vl.json"

@@ -133,6 +133,7 @@ def test_a_training_whose_torch_picked_other_kernels_is_refused(tmp_path):
     )
     arguments = ["--params", str(PROJECT / "params.yaml"), "--data", str(tmp_path)]
     arguments += ["--checkpoint", str(tmp_path / "checkpoint.pt"), "--live", str(tmp_path / "live")]
+    arguments += ["--augmented", str(tmp_path / "augmented.gif")]
     result = subprocess.run(
         [sys.executable, "-c", script, *arguments],
         cwd=PROJECT,

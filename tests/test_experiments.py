@@ -101,7 +101,7 @@ def test_a_queued_experiment_runs_the_code_it_was_queued_with_and_finds_a_relati
     committed = [module.read_text() for module in modules]
     for module, text in zip(modules, committed, strict=True):
         module.write_text(text + f'print("MARKER: queued {module.name}")\n')
-    run(project, "dvc", "exp", "run", "--queue", "-S", "train.epochs=1", "-n", "queued")
+    run(project, "dvc", "exp", "run", "--queue", "-S", "train.epochs=1", "-S", "augment.rotation=10", "-n", "queued")
     for module, text in zip(modules, committed, strict=True):
         module.write_text(text)  # the queued experiment must still run the edited files
     run(project, "dvc", "queue", "start", mirror=mirror)  # workers inherit this environment
@@ -110,8 +110,10 @@ def test_a_queued_experiment_runs_the_code_it_was_queued_with_and_finds_a_relati
     assert "MARKER: queued training.py" in logs
     assert "train-images-idx3-ubyte: verified, from file://" in logs  # the mirror, not the internet
     assert re.search(r"queued\s.*Success", run(project, "dvc", "queue", "status").stdout)
-    shown = run(project, "dvc", "exp", "show", "--json").stdout
-    assert '"queued"' in shown
+    shown = json.loads(run(project, "dvc", "exp", "show", "--json").stdout)
+    [queued] = [e for entry in shown for e in entry.get("experiments") or [] if e.get("name") == "queued"]
+    params = queued["revs"][0]["data"]["params"]["params.yaml"]["data"]
+    assert (params["train"]["epochs"], params["augment"]["rotation"]) == (1, 10)
     assert clean(project)
 
 
@@ -134,11 +136,14 @@ def test_a_temp_experiment_runs_its_own_code_and_finds_a_relative_mirror(baselin
 def test_known_params_are_restored_from_the_run_cache_without_running(baseline):
     project, _ = baseline
     outputs = ["models/checkpoint.pt", "models/model.pt", "models/model.pt2", "metrics/eval.json"]
+    outputs.append("metrics/augmented.gif")
     committed = {path: (project / path).read_bytes() for path in outputs}
-    result = run(project, "dvc", "exp", "run", "-S", "train.epochs=3")
+    deformed = ("-S", "augment.rotation=15", "-S", "augment.elastic_alpha=8", "-S", "augment.elastic_sigma=3")
+    result = run(project, "dvc", "exp", "run", "-S", "train.epochs=3", *deformed)
     assert result.stdout.count("Running stage") == 3
     changed = {path: (project / path).read_bytes() for path in outputs}
     assert changed["models/checkpoint.pt"] != committed["models/checkpoint.pt"]
+    assert changed["metrics/augmented.gif"] != committed["metrics/augmented.gif"]
 
     run(project, "git", "checkout", "HEAD", "--", ".")
     result = run(project, "dvc", "repro")
@@ -148,7 +153,7 @@ def test_known_params_are_restored_from_the_run_cache_without_running(baseline):
     assert {path: (project / path).read_bytes() for path in outputs} == committed
     assert clean(project)
 
-    result = run(project, "dvc", "exp", "run", "-S", "train.epochs=3")  # an experiment that ran before
+    result = run(project, "dvc", "exp", "run", "-S", "train.epochs=3", *deformed)  # an experiment that ran before
     assert "Running stage" not in result.stdout
     for stage in ("train", "evaluate", "export"):
         assert f"Stage '{stage}' is cached - skipping run" in result.stdout

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torchvision.utils import make_grid
 
 from mnist_pipeline.metrics import EVAL_BATCH_SIZE, evaluate, per_class_accuracy
-from mnist_pipeline.mistakes import BACKGROUND, CAPTION, COLUMNS, GAP, SCALE, mistakes_grid, worst
+from mnist_pipeline.pictures import BACKGROUND, CAPTION, COLUMNS, GAP, SCALE, mistakes_grid, tile_grid, worst
 
 
 class FixedLogits(nn.Module):
@@ -86,3 +87,12 @@ def test_the_mistakes_grid_shows_the_highest_losses_first_with_their_labels():
     assert np.array_equal(tile, images[top].repeat(SCALE, axis=0).repeat(SCALE, axis=1))
     caption = grid[GAP : GAP + CAPTION, GAP : GAP + side]
     assert (caption != BACKGROUND).any()  # the caption's text
+
+
+@pytest.mark.parametrize(("count", "channels"), [(40, 3), (50, 1), (7, 1)])
+def test_the_tiles_are_laid_out_as_torchvision_lays_them_out(count, channels):
+    tiles = torch.randint(
+        0, 256, (count, channels, 9, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    expected = make_grid(tiles, nrow=5, padding=GAP, pad_value=BACKGROUND)
+    assert torch.equal(tile_grid(tiles, 5), expected if channels == 3 else expected[:1])

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from conftest import PROJECT, TRAIN_PARAMS
+from conftest import NO_AUGMENTATION, PROJECT, TRAIN_PARAMS
 
 from mnist_pipeline.optim import Optimizer
 from mnist_pipeline.params import TrainParams
@@ -66,14 +66,14 @@ def test_training_leaves_torch_dynamo_unimported():
     code = (
         "import dataclasses, sys, torch\n"
         "from mnist_pipeline.model import MLP\n"
-        "from mnist_pipeline.params import TrainParams\n"
+        "from mnist_pipeline.params import AugmentParams, TrainParams\n"
         "from mnist_pipeline.training import configure_device, select_device, train\n"
         f"TRAIN_PARAMS = {TRAIN_PARAMS!r}\n"
         "configure_device(TRAIN_PARAMS, select_device('cpu'))\n"
         "images, labels = torch.randint(0, 256, (64, 784), dtype=torch.uint8), torch.randint(0, 10, (64,))\n"
         "for kind in ('sgd', 'adamw'):\n"
         "    params = dataclasses.replace(TRAIN_PARAMS, optimizer=kind, schedule='onecycle')\n"
-        "    train(MLP([16]), images, labels, params, lambda row: None)\n"
+        f"    train(MLP([16]), images, labels, params, {NO_AUGMENTATION!r}, lambda row: None)\n"
         "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor'))))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PROJECT)

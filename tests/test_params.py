@@ -4,7 +4,7 @@ import pytest
 import yaml
 from conftest import PROJECT
 
-from mnist_pipeline.params import ModelParams, TrainParams, load_params
+from mnist_pipeline.params import AugmentParams, ModelParams, TrainParams, load_params
 from mnist_pipeline.stage import PipelineError
 
 VALID = """
@@ -128,7 +128,7 @@ def test_missing_section_and_broken_yaml(tmp_path):
         load_params(tmp_path / "absent.yaml", "train", TrainParams)
 
 
-@pytest.mark.parametrize(("name", "runs"), [("fast", 1), ("best", 1), ("sweep", 4)])
+@pytest.mark.parametrize(("name", "runs"), [("fast", 1), ("medium", 1), ("best", 1), ("sweep", 4)])
 def test_recipes_are_valid_overrides_of_params_yaml(tmp_path, name, runs):
     """Each line of recipes/<name>.txt is a `dvc exp run -S` override of an existing parameter; a
     comma-separated value makes a grid, and every point of it is valid."""
@@ -147,3 +147,4 @@ def test_recipes_are_valid_overrides_of_params_yaml(tmp_path, name, runs):
             params[section][field] = value
         path = write(tmp_path, yaml.safe_dump(params))
         assert load_params(path, "train", TrainParams).optimizer == "adamw"
+        load_params(path, "augment", AugmentParams)

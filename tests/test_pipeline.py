@@ -69,6 +69,7 @@ def test_repro_writes_metrics_plots_and_models(built):
     # 20 test images of each digit (see write_mirror): each mistake is 5% of its digit.
     assert per_digit["error_percent"].tolist() == [5.0 * (confusions["actual"] == d).sum() for d in range(10)]
     assert (project / "metrics" / "mistakes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (project / "metrics" / "augmented.gif").read_bytes()[:6] == b"GIF87a"
     assert (project / "models" / "checkpoint.pt").stat().st_size > 0
     assert (project / "models" / "model.pt").stat().st_size > 0
     assert (project / "models" / "model.pt2").stat().st_size > 0
@@ -112,7 +113,14 @@ def test_forced_repro_reproduces_every_output_byte_for_byte(built):
     lock = (project / "dvc.lock").read_bytes()
     files = [*(project / "metrics").rglob("*.*"), *(project / "models").glob("*.*")]
     outputs = {p: p.read_bytes() for p in files}
-    assert {p.name for p in outputs} >= {"eval.json", "metrics.json", "loss.tsv", "mistakes.png", "model.pt2"}
+    assert {p.name for p in outputs} >= {
+        "eval.json",
+        "metrics.json",
+        "loss.tsv",
+        "mistakes.png",
+        "augmented.gif",
+        "model.pt2",
+    }
     result = run(project, "dvc", "repro", "-f", mirror=url)
     assert result.stdout.count("Running stage") == 4
     assert (project / "dvc.lock").read_bytes() == lock
@@ -130,8 +138,9 @@ def test_plots_are_defined_for_dvc(built):
         "metrics/per_digit.csv",
         "metrics/confusions.csv",
         "metrics/mistakes.png",
+        "metrics/augmented.gif",
     }
-    assert plots["metrics/mistakes.png"][0]["type"] == "image"
+    assert plots["metrics/mistakes.png"][0]["type"] == plots["metrics/augmented.gif"][0]["type"] == "image"
     assert plots["metrics/per_digit.csv"][0]["content"]["title"]["text"] == "Test error per digit (%)"
     # No confusion plot when there is no mistake to show, as on this easy synthetic data.
     confusions = project / "metrics" / "confusions.csv"
@@ -175,8 +184,9 @@ def test_the_plots_page_draws_every_plot_with_no_network(built):
     assert dom.count('class="marks"') == views  # each an SVG...
     assert dom.count('class="mark-line') >= 5  # ...with the curves' lines drawn
     assert dom.count('class="mark-rect') >= 1  # and the bars (no confusion cells: no mistakes on this data)
-    [image] = re.findall(r'<img src="(static/[^"]+)"', dom)  # the mistakes grid, a file beside the page
-    assert (project / "dvc_plots" / image).read_bytes() == (project / "metrics" / "mistakes.png").read_bytes()
+    images = re.findall(r'<img src="(static/[^"]+)"', dom)  # the pictures, files beside the page
+    shown = sorted((project / "dvc_plots" / image).read_bytes() for image in images)
+    assert shown == sorted((project / "metrics" / name).read_bytes() for name in ("mistakes.png", "augmented.gif"))
     # DVC's own page, which loads vega from a CDN, draws nothing here: the network is really off.
     (project / "cdn.html").write_text(HTML(None).template)
     run(project, "dvc", "plots", "show", "--html-template", "cdn.html", "--out", "cdn_plots")
@@ -209,11 +219,11 @@ def test_report_writes_every_plot_as_an_image_and_a_markdown_summary(built):
     project, _, _ = built
     run(project, "python", "-m", "mnist_pipeline.report", "report", "report")  # what `make report` runs
     plots = json.loads(run(project, "dvc", "plots", "diff", "--json").stdout)["data"]
-    images = sorted((project / "report").glob("*.png"))
+    images = sorted([*(project / "report").glob("*.png"), *(project / "report").glob("*.gif")])
     assert len(images) == sum(len(renderers) for renderers in plots.values())
     for image in images:
         with Image.open(image) as picture:
-            assert picture.format == "PNG" and picture.width > 200 and picture.height > 100
+            assert picture.format in ("PNG", "GIF") and picture.width > 200 and picture.height > 100
     summary = (project / "report" / "README.md").read_text()
     assert "## Experiments (`dvc exp show --only-changed`)" in summary
     assert "| Experiment " in summary  # exp show's markdown table
@@ -282,7 +292,8 @@ def test_experiment_with_one_epoch_shows_in_metrics_diff(built):
     project, _, url = built
     run(project, "git", "add", "-A")
     run(project, "git", "commit", "-qm", "baseline")
-    run(project, "dvc", "exp", "run", "-S", "train.epochs=1", mirror=url)
+    augmented = (project / "metrics" / "augmented.gif").read_bytes()
+    run(project, "dvc", "exp", "run", "-S", "train.epochs=1", "-S", "augment.rotation=30", mirror=url)
     # A one-epoch run still draws lines: epoch 0 is the untrained model.
     curve = pd.read_csv(project / "metrics" / "train" / "plots" / "metrics" / "test" / "accuracy.tsv", sep="\t")
     assert curve["step"].tolist() == [0, 1] and curve["accuracy"].iloc[1] > curve["accuracy"].iloc[0]
@@ -291,5 +302,9 @@ def test_experiment_with_one_epoch_shows_in_metrics_diff(built):
     assert loss["new"] > loss["old"]  # one epoch instead of three
     params = json.loads(run(project, "dvc", "params", "diff", "--json").stdout)
     assert (params["params.yaml"]["train.epochs"]["old"], params["params.yaml"]["train.epochs"]["new"]) == (3, 1)
+    # What each fed the model: the baseline's digits as they are, the experiment's turned.
+    assert (project / "metrics" / "augmented.gif").read_bytes() != augmented
+    pictures = json.loads(run(project, "dvc", "plots", "diff", "--json").stdout)["data"]["metrics/augmented.gif"]
+    assert sorted(picture["revisions"][0] for picture in pictures) == ["HEAD", "workspace"]
     shown = json.loads(run(project, "dvc", "exp", "show", "--json").stdout)
     assert shown  # the experiment is listed

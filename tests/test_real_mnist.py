@@ -19,6 +19,7 @@ from PIL import Image
 
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.numerics import describe_cpu
+from mnist_pipeline.report import AUGMENTATION_FIGURE
 
 MIRROR = os.environ.get("MNIST_MIRROR")
 pytestmark = pytest.mark.skipif(
@@ -57,6 +58,18 @@ def test_dvc_repro_gives_the_committed_baseline_byte_for_byte(reproduced):
     assert changed == [], (
         f"dvc repro with the committed params did not reproduce the committed baseline on this machine: "
         f"{describe_cpu()}, torch {torch.__version__}. These files differ (git status): {files}"
+    )
+
+
+def test_make_figures_draws_the_committed_augmentation_picture_byte_for_byte(project):
+    """The best recipe's deformations of real digits, as the README shows them: the same pixels on
+    every machine, and so the same PNG (it has no text to render)."""
+    run(project, "python", "-m", "mnist_pipeline.report", "figures", "drawn")  # make figures, into drawn/
+    drawn = (project / "drawn" / AUGMENTATION_FIGURE).read_bytes()
+    shutil.rmtree(project / "drawn")
+    assert drawn == (PROJECT / "docs" / "figures" / AUGMENTATION_FIGURE).read_bytes(), (
+        f"make figures drew another docs/figures/{AUGMENTATION_FIGURE} on this machine: "
+        f"{describe_cpu()}, torch {torch.__version__}"
     )
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import PROJECT, TRAIN_PARAMS, synthetic_split
+from conftest import NO_AUGMENTATION, PROJECT, TRAIN_PARAMS, synthetic_split
 
 from mnist_pipeline.data import to_tensors
 from mnist_pipeline.model import MLP
@@ -30,7 +30,7 @@ def fit(params: TrainParams = TRAIN_PARAMS, hidden_sizes: tuple[int, ...] = (64,
     torch.manual_seed(params.seed)
     model = MLP(list(hidden_sizes))
     rows: list[dict] = []
-    train(model, images, labels, params, rows.append)
+    train(model, images, labels, params, NO_AUGMENTATION, rows.append)
     return model, rows
 
 
@@ -147,7 +147,7 @@ def test_a_nan_loss_stops_training_naming_the_epoch_step_and_learning_rate(faili
     model = FailsAtCall(failing_call)
     params = dataclasses.replace(TRAIN_PARAMS, epochs=20, lr=0.02, schedule="onecycle")
     with pytest.raises(PipelineError) as error:
-        train(model, images, labels, params, lambda row: None)
+        train(model, images, labels, params, NO_AUGMENTATION, lambda row: None)
     lr = Optimizer([], params, 200).lr_at(failing_call - 1)
     assert str(error.value) == (
         f"params.yaml: training diverged at epoch {epoch}, step {step}: the loss is nan "
@@ -160,7 +160,9 @@ def test_a_learning_rate_that_blows_up_stops_training_at_the_first_bad_step():
     images, labels = to_tensors(*synthetic_split(320, seed=0), torch.device("cpu"))
     torch.manual_seed(1)
     with pytest.raises(PipelineError, match=r"diverged at epoch 1, step 2: the loss is nan \(learning rate 1e\+30\)"):
-        train(MLP([32]), images, labels, dataclasses.replace(TRAIN_PARAMS, lr=1e30, momentum=0.0), print)
+        train(
+            MLP([32]), images, labels, dataclasses.replace(TRAIN_PARAMS, lr=1e30, momentum=0.0), NO_AUGMENTATION, print
+        )
 
 
 def test_a_model_too_big_for_the_device_is_refused_before_allocating():
@@ -187,7 +189,7 @@ def test_training_steps_reuse_freed_memory_instead_of_page_faulting():
     code = (
         "import ctypes, dataclasses, resource, sys, torch\n"
         "from mnist_pipeline.model import MLP\n"
-        "from mnist_pipeline.params import TrainParams\n"
+        "from mnist_pipeline.params import AugmentParams, TrainParams\n"
         "from mnist_pipeline.training import M_MMAP_THRESHOLD, keep_freed_memory, train\n"
         "if sys.argv[1] == 'keep':\n"
         "    keep_freed_memory()\n"
@@ -196,9 +198,9 @@ def test_training_steps_reuse_freed_memory_instead_of_page_faulting():
         f"params = dataclasses.replace({TRAIN_PARAMS!r}, batch_size=384, epochs=1)\n"
         "images = torch.randint(0, 256, (384 * 50, 784), dtype=torch.uint8)\n"
         "labels = torch.randint(0, 10, (384 * 50,))\n"
-        "train(MLP([520, 320, 240, 120]), images, labels, params, print)\n"
+        f"train(MLP([520, 320, 240, 120]), images, labels, params, {NO_AUGMENTATION!r}, print)\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "train(MLP([520, 320, 240, 120]), images, labels, params, print)\n"
+        f"train(MLP([520, 320, 240, 120]), images, labels, params, {NO_AUGMENTATION!r}, print)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
     )
 
