@@ -28,9 +28,10 @@ STREAM = 0xA06
 DRAWS = 5  # per image: rotation, scale, shear, and the two translations, each uniform in [-1, 1)
 EXAMPLE_DRAWS = 4  # augmented versions of each digit in the picture of examples
 SMOOTHING_RADIUS = 4  # the Gaussian matrix is cut at 4 standard deviations, as scipy's gaussian_filter does
-# The elastic field's noise is odd integers in [-255, 255] (uniform in [-1, 1] in steps of 1/128),
-# and the Gaussian matrix is rounded to multiples of 2**-16: a smoothed value is at most
-# 2**8 * 2**16 * 2**16, so every partial sum of both products is an integer that float64 holds exactly.
+# The elastic field's noise is odd integers in [-255, 255] (over 255: uniform in [-1, 1] in steps of
+# 2/255), and the Gaussian matrix is rounded to multiples of 2**-16 (and scaled by 2**16): a smoothed
+# value is below 2**8 * 2**16 * 2**16, so every partial sum of both products is an integer that
+# float64 holds exactly.
 NOISE_SCALE = 255
 SMOOTHING_BITS = 16
 
@@ -41,8 +42,8 @@ def is_identity(params: AugmentParams) -> bool:
 
 
 def gaussian_matrix(sigma: float, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """The float32 [size, size] matrix that smooths a signal of `size` samples with a Gaussian of
-    standard deviation `sigma` samples, in float64 (zero beyond the edges; every full row sums to 1)."""
+    """The float64 [size, size] matrix that smooths a signal of `size` samples with a Gaussian of
+    standard deviation `sigma` samples (zero beyond the edges; every full row sums to 1)."""
     offsets = torch.arange(size, dtype=torch.float64)
     distance = offsets[:, None] - offsets[None, :]
     radius = math.ceil(SMOOTHING_RADIUS * sigma)

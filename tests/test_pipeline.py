@@ -240,15 +240,23 @@ def test_exp_show_lists_the_training_and_test_figures(built):
     assert set(final["train"]) == set(final["test"]) == {"loss", "accuracy"}
 
 
-def test_bad_params_fail_with_one_line_and_write_nothing(tmp_path):
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("train", {"lr": -1}, "train.lr must be a positive finite number, got -1"),
+        ("augment", {"rotation": 270}, "augment.rotation must be a number of degrees from 0 to 180, got 270"),
+        ("augment", {"elastic_alpha": 34}, "augment.elastic_alpha above 0 needs augment.elastic_sigma above 0"),
+    ],
+)
+def test_bad_params_fail_with_one_line_and_write_nothing(tmp_path, section, values, message):
     project = copy_project(tmp_path / "project")
-    set_params(project, lr=-1)
+    set_params(project, section, **values)
     result = run(project, *stage_command(project, "train"), check=False)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        "error: params.yaml: train.lr must be a positive finite number, got -1"
-    ]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: params.yaml: {message}")
     assert not (project / "models" / "checkpoint.pt").exists()
+    assert (project / "metrics" / "augmented.gif").read_bytes() == (PROJECT / "metrics" / "augmented.gif").read_bytes()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
