@@ -38,7 +38,8 @@ sweep: setup
 report: setup
 	$(RUN) python -m mnist_pipeline.report report report
 
-# The README's pictures (docs/figures/), drawn from the committed baseline's metrics.
+# The README's pictures (docs/figures/): the committed baseline's curves, and what the best
+# recipe's augmentation does to the digits in data/mnist.
 figures: setup
 	$(RUN) python -m mnist_pipeline.report figures docs/figures
 
