@@ -45,7 +45,7 @@ class MLP(nn.Module):
 @dataclass(frozen=True)
 class Checkpoint:
     model: MLP
-    train_params: dict[str, Any]  # the train.* params the weights came from
+    train_params: dict[str, Any]  # the train.* params the weights came from, and the augment.* ones as "augment"
 
 
 def hidden_sizes(model: MLP) -> list[int]:

@@ -50,7 +50,8 @@ def main(params: Path, data: Path, checkpoint: Path, live: Path, augmented: Path
             seconds = time.perf_counter() - start
             print(f"loaded {len(images)} training and {len(test_images)} test images in {seconds:.2f} s")
             log_training(model, images, labels, test_images, test_labels, train_params, augment_params, live)
-            save_checkpoint(model.cpu(), dataclasses.asdict(train_params), checkpoint)
+            trained_with = {**dataclasses.asdict(train_params), "augment": dataclasses.asdict(augment_params)}
+            save_checkpoint(model.cpu(), trained_with, checkpoint)
             write_gif(digits_grid(examples(images, labels, augment_params, train_params.seed)), augmented)
         else:  # the other ranks train alongside rank 0, which alone logs and writes
             train(model, images, labels, train_params, augment_params, report=None)

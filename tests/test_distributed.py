@@ -80,6 +80,8 @@ def test_two_processes_train_as_one_does_and_rank_0_alone_writes(one_and_two_pro
     (one, one_metrics, _, _), (two, two_metrics, steps, result) = one_and_two_processes
     # The same batches, the same optimisation: only the order of float additions differs.
     assert (one["train_params"]["nproc"], two["train_params"]["nproc"]) == (1, 2)
+    assert one["train_params"]["augment"] == two["train_params"]["augment"]
+    assert one["train_params"]["augment"]["elastic_alpha"] == 8  # the copy's augmentation, recorded
     for name, weights in one["state_dict"].items():
         torch.testing.assert_close(two["state_dict"][name], weights, rtol=0, atol=1e-4)
     assert two_metrics["test"]["accuracy"] == pytest.approx(one_metrics["test"]["accuracy"], abs=0.01)

@@ -227,6 +227,8 @@ def test_model_card_is_complete_and_its_hashes_are_true(project):
     assert card["metrics"]["accuracy"] == json.loads((project / "metrics" / "eval.json").read_text())["accuracy"]
     assert card["architecture"]["layers"] == [784, 520, 320, 240, 120, 10]
     assert card["training"]["epochs"] == 9 and card["training"]["arithmetic"] == "portable"
+    assert card["training"]["augment"] == {name: 0.0 for name in card["training"]["augment"]}  # none by default
+    assert len(card["training"]["augment"]) == 6
     assert card["labels"] == [str(d) for d in range(10)]
     assert card["normalization"] == {"mean": 0.1307, "std": 0.3081, "applied": "inside the model"}
     assert card["torch_version"] == torch.__version__
