@@ -41,6 +41,7 @@ import torch
 import yaml
 
 from mnist_pipeline.numerics import describe_cpu
+from mnist_pipeline.params import read_recipe
 from mnist_pipeline.training import cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +56,7 @@ def recipe(name: str) -> list[str]:
 
 def overrides(name: str) -> dict:
     """recipes/<name>.txt as {"<section>.<key>": value}."""
-    return {key: yaml.safe_load(value) for key, value in (line.split("=", 1) for line in recipe(name))}
+    return read_recipe(ROOT / "recipes" / f"{name}.txt")
 
 
 RECIPES = {"default": {}, "fast": overrides("fast"), "medium": overrides("medium")}
@@ -220,11 +221,11 @@ def run_repro(scratch: Scratch) -> dict:
     }
 
 
-def run_variant(scratch: Scratch, name: str, changes: dict | None = None) -> dict:
-    """The train and evaluate stages on their own, with params overridden (VARIANTS[name] unless
-    `changes`), outputs under .bench/."""
+def run_variant(scratch: Scratch, name: str, changes: dict) -> dict:
+    """The train and evaluate stages on their own, with params overridden by `changes`
+    ({"<section>.<key>": value}), outputs under .bench/<name>/."""
     params = yaml.safe_load((scratch.path / "params.yaml").read_text())
-    for key, value in (VARIANTS[name] if changes is None else changes).items():
+    for key, value in changes.items():
         section, field = key.split(".")
         params[section][field] = value
     work = Path(".bench") / name
@@ -257,7 +258,7 @@ def run_variant(scratch: Scratch, name: str, changes: dict | None = None) -> dic
 def run_augment(scratch: Scratch, round_number: int) -> dict:
     """The best recipe's first 3 epochs with augmentation and without, the first alternating by round."""
     names = ["best, 3 epochs", "best, 3 epochs, no augmentation"]
-    runs = {name: run_variant(scratch, name) for name in (names if round_number % 2 else names[::-1])}
+    runs = {name: run_variant(scratch, name, VARIANTS[name]) for name in (names if round_number % 2 else names[::-1])}
     with_it, without = (runs[name]["train"] for name in names)
     return {"with": with_it, "without": without, "share": 1 - without / with_it}
 
@@ -380,7 +381,7 @@ def main() -> None:
                 record("repro", lambda: run_repro(scratch))
             if "variants" in chosen:
                 for name in variants_in_order(round_number):
-                    record(name, lambda name=name: run_variant(scratch, name))
+                    record(name, lambda name=name: run_variant(scratch, name, VARIANTS[name]))
             if "augment" in chosen:
                 record("augment", lambda round_number=round_number: run_augment(scratch, round_number))
             if "best" in chosen:
@@ -467,10 +468,9 @@ def render(results: dict[str, list], runs: int) -> str:
                 f"| train.seed {result['seed']} | {result['train']:.1f} | {result['wall']:.1f} | "
                 f"{result['accuracy']:.4f} |"
             )
-        accuracies = column("best", "accuracy")
         rows.append(
             f"| median (spread) | {spread(column('best', 'train'))} | {spread(column('best', 'wall'))} | "
-            f"{spread(accuracies, 4)} |"
+            f"{spread(column('best', 'accuracy'), 4)} |"
         )
         sections.append("\n".join(rows) + "\n")
     if "exp-run" in results:

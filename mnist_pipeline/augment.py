@@ -57,6 +57,7 @@ class Augmentation:
 
     def __init__(self, params: AugmentParams, seed: int, device: torch.device) -> None:
         self.params = params
+        self.deforms = not is_identity(params)  # else every call hands its images back untouched
         self.device = device
         self.generator = torch.Generator(device).manual_seed((seed + STREAM) % 2**64)
         self.smoothing = None
@@ -78,7 +79,7 @@ class Augmentation:
         process count.
         """
         images = images.view(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
-        if is_identity(self.params):
+        if not self.deforms:
             return images
         p = self.params
         count = len(images) if batch_size is None else batch_size

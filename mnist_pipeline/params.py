@@ -132,6 +132,13 @@ def load_params(path: Path, section: str, cls: type) -> Any:
     return cls(**{key: values[key] for key in names})
 
 
+def read_recipe(path: Path) -> dict[str, Any]:
+    """A recipe of recipes/: its `<section>.<key>=<value>` lines (not its # comments) as
+    {"<section>.<key>": value}, each value read as YAML, as `dvc exp run -S` reads it."""
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return {key: yaml.safe_load(value) for key, value in (line.split("=", 1) for line in lines)}
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

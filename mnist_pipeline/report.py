@@ -162,12 +162,12 @@ def write_augmentation_figure(path: Path) -> Path:
 
     from mnist_pipeline.augment import examples
     from mnist_pipeline.data import load_mnist, to_tensors
-    from mnist_pipeline.params import AugmentParams
+    from mnist_pipeline.params import AugmentParams, read_recipe
     from mnist_pipeline.pictures import digits_grid, write_gif
 
-    recipe = [line.split("=", 1) for line in Path("recipes/best.txt").read_text().splitlines() if "=" in line]
+    recipe = read_recipe(Path("recipes/best.txt"))
     augment = AugmentParams(
-        **{key.removeprefix("augment."): float(v) for key, v in recipe if key.startswith("augment.")}
+        **{key.removeprefix("augment."): v for key, v in recipe.items() if key.startswith("augment.")}
     )
     seed = yaml.safe_load(Path("params.yaml").read_text())["train"]["seed"]
     images, labels = to_tensors(*load_mnist(Path("data/mnist"), "train"), torch.device("cpu"))

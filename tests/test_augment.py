@@ -2,13 +2,11 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import NO_AUGMENTATION, PROJECT, synthetic_split
-from test_params import write
+from conftest import NO_AUGMENTATION, synthetic_split
 
 from mnist_pipeline.augment import EXAMPLE_DRAWS, NOISE_SCALE, SMOOTHING_BITS, Augmentation, examples, gaussian_matrix
 from mnist_pipeline.data import scale_pixels, to_tensors
-from mnist_pipeline.params import AugmentParams, load_params
-from mnist_pipeline.stage import PipelineError
+from mnist_pipeline.params import AugmentParams
 
 CPU = torch.device("cpu")
 STRONG = AugmentParams(rotation=15, scale=0.15, shear=10, translation=2, elastic_alpha=34, elastic_sigma=5)
@@ -108,44 +106,3 @@ def test_the_examples_picture_shows_each_digit_then_its_deformations():
     assert torch.equal(
         examples(images, labels, NO_AUGMENTATION, seed=1)[1:], rows[0].expand(EXAMPLE_DRAWS, -1, -1, -1, -1)
     )
-
-
-VALID = """
-augment:
-  rotation: 10
-  scale: 0.1
-  shear: 5.5
-  translation: 2
-  elastic_alpha: 30
-  elastic_sigma: 5
-"""
-
-
-def test_the_project_default_is_no_augmentation():
-    assert load_params(PROJECT / "params.yaml", "augment", AugmentParams) == NO_AUGMENTATION
-
-
-@pytest.mark.parametrize(
-    ("old", "new", "message"),
-    [
-        ("rotation: 10", "rotation: -5", "augment.rotation must be a number of degrees from 0 to 180, got -5"),
-        ("rotation: 10", "rotation: 181", "augment.rotation must be a number of degrees from 0 to 180, got 181"),
-        ("rotation: 10", "rotation: .nan", "augment.rotation must be a number of degrees from 0 to 180, got nan"),
-        ("scale: 0.1", "scale: 1", r"augment.scale must be a number in \[0, 1\), got 1"),
-        ("scale: 0.1", "scale: -0.1", r"augment.scale must be a number in \[0, 1\), got -0.1"),
-        ("shear: 5.5", "shear: 90", r"augment.shear must be a number of degrees in \[0, 90\), got 90"),
-        ("translation: 2", "translation: .inf", "augment.translation must be a non-negative finite number of pixels"),
-        ("translation: 2", "translation: two", "augment.translation must be .*, got 'two'"),
-        ("elastic_alpha: 30", "elastic_alpha: -1", "augment.elastic_alpha must be a non-negative finite number"),
-        ("elastic_sigma: 5", "elastic_sigma: .nan", "augment.elastic_sigma must be a non-negative finite number"),
-        ("elastic_sigma: 5", "elastic_sigma: 0", "augment.elastic_alpha above 0 needs augment.elastic_sigma above 0"),
-        ("  shear: 5.5\n", "", "missing parameter augment.shear"),
-        ("shear: 5.5", "sheer: 5.5", "unknown parameter augment.sheer"),
-    ],
-)
-def test_bad_strengths_name_the_parameter_and_what_was_expected(tmp_path, old, new, message):
-    assert load_params(write(tmp_path, VALID), "augment", AugmentParams).shear == 5.5
-    path = write(tmp_path, VALID.replace(old, new))
-    with pytest.raises(PipelineError, match=message) as error:
-        load_params(path, "augment", AugmentParams)
-    assert str(error.value).startswith(f"{path}: ")

@@ -66,9 +66,9 @@ def test_the_figures_are_what_make_figures_draws_from_the_committed_metrics(tmp_
         "error: data/mnist/train-images-idx3-ubyte: file not found (run the download stage: dvc repro download)"
     ]
     # With data (synthetic here: test_real_mnist compares the real picture), all of them.
+    (copy / "data" / "mnist").mkdir(parents=True)
     for split in ("train", "test"):
         for name, array in zip(FILES[split], synthetic_split(200, seed=0), strict=True):
-            (copy / "data" / "mnist").mkdir(parents=True, exist_ok=True)
             (copy / "data" / "mnist" / name).write_bytes(idx_bytes(array))
     run(copy, "python", "-m", "mnist_pipeline.report", "figures", "docs/figures")  # what `make figures` runs
     with Image.open(copy / "docs" / "figures" / AUGMENTATION_FIGURE) as picture:

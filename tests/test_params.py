@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 import yaml
-from conftest import PROJECT
+from conftest import NO_AUGMENTATION, PROJECT
 
 from mnist_pipeline.params import AugmentParams, ModelParams, TrainParams, load_params
 from mnist_pipeline.stage import PipelineError
@@ -26,6 +26,13 @@ train:
   num_threads: 0
   nproc: 1
   nnodes: 1
+augment:
+  rotation: 10
+  scale: 0.1
+  shear: 5.5
+  translation: 2
+  elastic_alpha: 30
+  elastic_sigma: 5
 """
 
 
@@ -60,11 +67,16 @@ def test_valid_params_load_as_typed_settings(tmp_path):
     path = write(tmp_path, VALID)
     assert load_params(path, "model", ModelParams).hidden_sizes == [8, 4]
     assert load_params(path, "train", TrainParams).device == "cpu"
+    assert load_params(path, "augment", AugmentParams).shear == 5.5
 
 
-@pytest.mark.parametrize(
-    ("old", "new", "message"),
-    [
+def test_the_project_default_is_no_augmentation():
+    assert load_params(PROJECT / "params.yaml", "augment", AugmentParams) == NO_AUGMENTATION
+
+
+# For each section: (the old text of VALID, what replaces it, what the error must say).
+BAD = {
+    "train": [
         ("lr: 0.1", "lr: -1", "train.lr must be a positive finite number, got -1"),
         ("lr: 0.1", "lr: fast", "train.lr must be a positive finite number, got 'fast'"),
         ("lr: 0.1", "lr: .inf", "train.lr must be a positive finite number, got inf"),
@@ -92,11 +104,32 @@ def test_valid_params_load_as_typed_settings(tmp_path):
         ("label_smoothing: 0", "label_smoothing: 1", r"train.label_smoothing must be a number in \[0, 1\), got 1"),
         ("  seed: 0\n", "", "missing parameter train.seed"),
     ],
+    "augment": [
+        ("rotation: 10", "rotation: -5", "augment.rotation must be a number of degrees from 0 to 180, got -5"),
+        ("rotation: 10", "rotation: 181", "augment.rotation must be a number of degrees from 0 to 180, got 181"),
+        ("rotation: 10", "rotation: .nan", "augment.rotation must be a number of degrees from 0 to 180, got nan"),
+        ("scale: 0.1", "scale: 1", r"augment.scale must be a number in \[0, 1\), got 1"),
+        ("scale: 0.1", "scale: -0.1", r"augment.scale must be a number in \[0, 1\), got -0.1"),
+        ("shear: 5.5", "shear: 90", r"augment.shear must be a number of degrees in \[0, 90\), got 90"),
+        ("translation: 2", "translation: .inf", "augment.translation must be a non-negative finite number of pixels"),
+        ("translation: 2", "translation: two", "augment.translation must be .*, got 'two'"),
+        ("elastic_alpha: 30", "elastic_alpha: -1", "augment.elastic_alpha must be a non-negative finite number"),
+        ("elastic_sigma: 5", "elastic_sigma: .nan", "augment.elastic_sigma must be a non-negative finite number"),
+        ("elastic_sigma: 5", "elastic_sigma: 0", "augment.elastic_alpha above 0 needs augment.elastic_sigma above 0"),
+        ("  shear: 5.5\n", "", "missing parameter augment.shear"),
+        ("shear: 5.5", "sheer: 5.5", "unknown parameter augment.sheer"),
+    ],
+}
+SECTIONS = {"train": TrainParams, "augment": AugmentParams}
+
+
+@pytest.mark.parametrize(
+    ("section", "old", "new", "message"), [(section, *case) for section, cases in BAD.items() for case in cases]
 )
-def test_bad_train_params_name_the_parameter_and_what_was_expected(tmp_path, old, new, message):
+def test_bad_params_name_the_parameter_and_what_was_expected(tmp_path, section, old, new, message):
     path = write(tmp_path, VALID.replace(old, new))
     with pytest.raises(PipelineError, match=message) as error:
-        load_params(path, "train", TrainParams)
+        load_params(path, section, SECTIONS[section])
     assert str(error.value).startswith(f"{path}: ")
 
 
