@@ -3,7 +3,7 @@
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: setup repro test lint format fast medium best sweep bench report figures
+.PHONY: setup repro test lint format fast medium best sweep bench report figures fingerprint
 
 # Bytecode is compiled once here: every stage starts a fresh interpreter, and containers often
 # set PYTHONDONTWRITEBYTECODE, so without it each one compiles torch's and DVC's sources again.
@@ -45,6 +45,10 @@ figures: setup
 
 bench: setup
 	$(RUN) python benchmarks/bench.py
+
+# Hashes of this machine's arithmetic, to compare with another CPU's (docs/reproducibility.md).
+fingerprint: setup
+	$(RUN) python -m mnist_pipeline.fingerprint
 
 test: setup lint
 	$(RUN) pytest

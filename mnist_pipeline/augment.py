@@ -9,7 +9,9 @@ torchvision's affine and elastic transforms draw one set of parameters per call,
 batch, so the grids are built here, and built to give the same bits on every machine: with
 element-wise operations, which run in ATen's pinned kernels (numerics.py), where torch's
 affine_grid multiplies by the matrices in a batched product (in the BLAS library's own order);
-and the elastic field smoothed by two float64 products of integers, exact in any order, where a
+with sines, cosines and exponentials made of additions and multiplications (elementary.py),
+where torch's own are MKL's vector math, which rounds differently on other CPUs; and the
+elastic field smoothed by two float64 products of integers, exact in any order, where a
 Gaussian blur by conv2d runs whichever oneDNN kernel suits the CPU (and exact.py's general
 products cost 40 times as much here).
 """
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mnist_pipeline.data import IMAGE_SIZE, NUM_CLASSES, scale_pixels
+from mnist_pipeline.elementary import exp, sin_cos
 from mnist_pipeline.params import AugmentParams
 
 # The generator of the deformations is seeded with train.seed plus this, so that its stream is
@@ -48,7 +51,7 @@ def gaussian_matrix(sigma: float, size: int = IMAGE_SIZE) -> torch.Tensor:
     distance = offsets[:, None] - offsets[None, :]
     radius = math.ceil(SMOOTHING_RADIUS * sigma)
     kernel = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    weights = torch.exp(-(distance**2) / (2 * sigma**2)) / torch.exp(-(kernel**2) / (2 * sigma**2)).sum()
+    weights = exp(-(distance * distance) / (2 * sigma**2)) / exp(-(kernel * kernel) / (2 * sigma**2)).sum()
     return weights.masked_fill_(distance.abs() > radius, 0)
 
 
@@ -93,10 +96,11 @@ class Augmentation:
             )
             noise = draws32.view(torch.int8)[share].to(self.smoothing.dtype).mul_(2).add_(1)
         angle, scale, shear, shift_x, shift_y = draws[share].T
-        angle = angle * math.radians(p.rotation)
+        # Both angles' sines and cosines in one call: torch's own would be MKL's, whose bits depend on the CPU.
+        sines, cosines = sin_cos(torch.stack((angle * math.radians(p.rotation), shear * math.radians(p.shear))))
         inverse_scale = 1 / (1 + scale * p.scale)  # the grid samples the source: its step is the inverse
-        shear = torch.tan(shear * math.radians(p.shear))
-        cos, sin = torch.cos(angle) * inverse_scale, torch.sin(angle) * inverse_scale
+        shear = sines[1] / cosines[1]  # the shear's tangent
+        cos, sin = cosines[0] * inverse_scale, sines[0] * inverse_scale
         # Source = rotation @ shear @ (1 / scale) applied to each pixel centre, plus the translation (in pixels).
         unit = 2 / IMAGE_SIZE  # one pixel in grid coordinates
         source_x = column(cos) * self.x + column(cos * shear - sin) * self.y + column(shift_x * (p.translation * unit))

@@ -14,11 +14,18 @@ Each operand keeps 21 to 27 significant bits relative to the largest entry of it
 column), against float32's 24, so the results are as accurate as float32 products. They cost
 a float64 product, about twice a float32 one, plus the rounding passes: `make bench` measures
 the whole against train.arithmetic: native.
+
+No product escapes: `use_exact_products()` registers, through torch.library, this module's
+kernels for aten::linear (at the autograd level, so that ExactLinear computes both gradients)
+and for every other float32 matrix product (mm, addmm, bmm, ..., on the CPU and CUDA). From
+then on the process computes every one exactly, whichever code reaches it: a training step, a
+test pass, the evaluation, a TorchScript or torch.export program, a product added later.
 """
 
+import warnings
+
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from torch.nn import functional as F
 
 from mnist_pipeline.numerics import KERNELS, X86_64
 from mnist_pipeline.stage import PipelineError
@@ -41,14 +48,21 @@ def integer_grid(t: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, to
     return t.div(unit).round_().double(), unit
 
 
+def library_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for matrices or batches of them, by the BLAS library itself: through the out= variant of
+    mm or bmm, which use_exact_products leaves alone."""
+    out = a.new_empty(*a.shape[:-1], b.shape[-1])
+    return (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out=out)
+
+
 def exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for float32 matrices, from `a` rounded per row and `b` per column to a grid of integers that
-    share the 53 bits of float64 (see integer_grid), rounded once to float32."""
-    terms = a.shape[1]
+    """a @ b for float32 matrices (or batches of them), from `a` rounded per row and `b` per column to a
+    grid of integers that share the 53 bits of float64 (see integer_grid), rounded once to float32."""
+    terms = a.shape[-1]
     bits = FLOAT64_INTEGER_BITS - (terms - 1).bit_length()  # a sum of `terms` products stays within 2**53
-    ma, ua = integer_grid(a, 1, bits // 2)
-    mb, ub = integer_grid(b, 0, bits - bits // 2)
-    return (ma @ mb).float().mul_(ua).mul_(ub)
+    ma, ua = integer_grid(a, -1, bits // 2)
+    mb, ub = integer_grid(b, -2, bits - bits // 2)
+    return library_product(ma, mb).float().mul_(ua).mul_(ub)
 
 
 def exact_sum(t: torch.Tensor) -> torch.Tensor:
@@ -77,17 +91,108 @@ class ExactLinear(torch.autograd.Function):
 
 def exact_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with F.linear's signature, computed by ExactLinear (inputs of any leading shape)."""
-    y = ExactLinear.apply(input.flatten(0, -2), weight, bias)
+    y = ExactLinear.apply(input.reshape(-1, input.shape[-1]), weight, bias)
     return y.view(*input.shape[:-1], y.shape[-1])
 
 
-class ExactProducts(TorchFunctionMode):
-    """Within `with ExactProducts():`, every F.linear (so every nn.Linear) is an ExactLinear."""
+# Whether the kernels registered by use_exact_products compute exactly, or as torch does.
+_exact = False
+_library: torch.library.Library | None = None
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.linear:
-            return exact_linear(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
+
+def use_exact_products(enabled: bool = True) -> None:
+    """From now on, compute every float32 matrix product of this process exactly (or, with
+    enabled=False, as torch does). Stages call it once, before any product."""
+    global _exact, _library
+    if enabled and _library is None:
+        _library = torch.library.Library("aten", "IMPL")
+        with warnings.catch_warnings():
+            # torch says that these replace its own kernels, which is what they are for.
+            warnings.filterwarnings("ignore", "Overriding a previously registered kernel", UserWarning)
+            for device in ("CPU", "CUDA"):
+                _library.impl("linear", _linear, f"Autograd{device}")
+                for name, exact_kernel in EXACT_KERNELS.items():
+                    _library.impl(name, _switched(name, exact_kernel), device)
+    _exact = enabled
+
+
+def exact_products_used() -> bool:
+    """Whether use_exact_products is on."""
+    return _exact
+
+
+def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if _exact and input.dtype == weight.dtype == torch.float32:
+        return exact_linear(input, weight, bias)
+    return torch.ops.aten.linear.default.decompose(input, weight, bias)  # torch's own linear
+
+
+def _switched(name: str, exact_kernel):
+    """The kernel registered for the product `name`: `exact_kernel` for float32 while use_exact_products
+    is on, else torch's own, reached through the op's out= variant (which stays torch's)."""
+    in_place = name.endswith("_")
+    native = getattr(torch.ops.aten, name.rstrip("_")).out
+
+    def kernel(*args, **kwargs):
+        if _exact and all(t.dtype == torch.float32 for t in args if isinstance(t, torch.Tensor)):
+            result = exact_kernel(*args, **kwargs)
+            return args[0].copy_(result) if in_place else result
+        return native(*args, **kwargs, out=args[0] if in_place else args[0].new_empty(0))
+
+    return kernel
+
+
+def _scaled_sum(product: torch.Tensor, input: torch.Tensor, beta: complex, alpha: complex) -> torch.Tensor:
+    """beta * input + alpha * product, as addmm and its kin define it: `input` is ignored where beta is 0."""
+    if alpha != 1:
+        product = product.mul_(alpha)
+    if beta == 0:
+        return product
+    return product.add_(input if beta == 1 else input * beta)
+
+
+def _addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta=1, alpha=1) -> torch.Tensor:
+    return _scaled_sum(exact_matmul(mat1, mat2), input, beta, alpha)
+
+
+def _addmm_activation(input, mat1, mat2, *, beta=1, alpha=1, use_gelu=False) -> torch.Tensor:
+    result = _addmm(input, mat1, mat2, beta=beta, alpha=alpha)
+    return F.gelu(result, approximate="tanh") if use_gelu else result.relu_()
+
+
+def _baddbmm(input: torch.Tensor, batch1: torch.Tensor, batch2: torch.Tensor, *, beta=1, alpha=1) -> torch.Tensor:
+    return _scaled_sum(exact_matmul(batch1, batch2), input, beta, alpha)
+
+
+def _addbmm(input: torch.Tensor, batch1: torch.Tensor, batch2: torch.Tensor, *, beta=1, alpha=1) -> torch.Tensor:
+    # The sum of the batch's products is one product over all their terms: [M, B*K] @ [B*K, N].
+    rows, columns = batch1.shape[1], batch2.shape[2]
+    product = exact_matmul(batch1.transpose(0, 1).reshape(rows, -1), batch2.reshape(-1, columns))
+    return _scaled_sum(product, input, beta, alpha)
+
+
+def _addmv(input: torch.Tensor, mat: torch.Tensor, vec: torch.Tensor, *, beta=1, alpha=1) -> torch.Tensor:
+    return _scaled_sum(exact_matmul(mat, vec[:, None])[:, 0], input, beta, alpha)
+
+
+# Every op of torch's that multiplies matrices, vectors or batches of them (matmul, einsum,
+# tensordot and the like come down to these), with its exact float32 version.
+EXACT_KERNELS = {
+    "mm": exact_matmul,
+    "bmm": exact_matmul,
+    "addmm": _addmm,
+    "addmm_": _addmm,
+    "_addmm_activation": _addmm_activation,
+    "baddbmm": _baddbmm,
+    "baddbmm_": _baddbmm,
+    "addbmm": _addbmm,
+    "addbmm_": _addbmm,
+    "mv": lambda mat, vec: exact_matmul(mat, vec[:, None])[:, 0],
+    "addmv": _addmv,
+    "addmv_": _addmv,
+    "dot": lambda a, b: exact_matmul(a[None], b[:, None]).view(()),
+    "vdot": lambda a, b: exact_matmul(a[None], b[:, None]).view(()),
+}
 
 
 def check_portable_kernels() -> None:

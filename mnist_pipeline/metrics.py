@@ -1,5 +1,6 @@
 """Test-set loss and accuracy, computed per sample, and the per-digit error rates."""
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Ev
     loss, predicted = torch.cat(losses), torch.cat(predictions)
     n = len(labels)
     return Evaluation(
-        loss=loss.double().sum().item() / n,
+        # Summed exactly and rounded once: a float sum's bits would depend on how the threads split it.
+        loss=math.fsum(loss.tolist()) / n,
         accuracy=(predicted == labels).sum().item() / n,
         predictions=predicted.cpu().numpy(),
         losses=loss.cpu().numpy(),

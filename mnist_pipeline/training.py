@@ -6,7 +6,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 import torch.distributed
@@ -17,7 +16,7 @@ from tqdm import tqdm
 from mnist_pipeline.augment import Augmentation
 from mnist_pipeline.data import scale_pixels
 from mnist_pipeline.distributed import rank_and_world
-from mnist_pipeline.exact import ExactProducts, check_portable_kernels
+from mnist_pipeline.exact import check_portable_kernels, use_exact_products
 from mnist_pipeline.metrics import evaluate
 from mnist_pipeline.model import MLP
 from mnist_pipeline.optim import Optimizer
@@ -176,16 +175,15 @@ def train(
     steps_per_epoch = math.ceil(n / params.batch_size)
     optimizer = Optimizer(list(model.parameters()), params, params.epochs * steps_per_epoch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=params.precision == "bf16")
-    # Around every forward pass, the test passes in `report` included (backward follows the forward).
-    products = ExactProducts() if params.arithmetic == "portable" else nullcontext()
+    # For the whole process from here: every step, and every test pass that `report` makes.
+    use_exact_products(params.arithmetic == "portable")
     shuffle = torch.Generator().manual_seed(params.seed)
     augmentation = Augmentation(augment, params.seed, device)
     replica = model if world == 1 else DistributedDataParallel(model)  # its backward averages the gradients
     model.train()
     started = time.perf_counter()
     if lead:
-        with products:
-            initial = evaluate(model, images[:INITIAL_SAMPLE], labels[:INITIAL_SAMPLE])
+        initial = evaluate(model, images[:INITIAL_SAMPLE], labels[:INITIAL_SAMPLE])
         report({"epoch": 0, "train/loss": initial.loss, "train/accuracy": initial.accuracy, "lr": optimizer.lr()})
     reporting = time.perf_counter() - started
     # A terminal redraws the bar in place; a log (dvc queue logs, CI) keeps every redraw: there, one every 30 s.
@@ -210,7 +208,7 @@ def train(
                 # index_select copies whole rows; images[batch] goes element by element, 7-26x slower.
                 x, y = scale_pixels(images.index_select(0, mine)), labels.index_select(0, mine)
                 x = augmentation(x, len(batch), share=slice(rank, None, world))
-                with autocast, products:
+                with autocast:
                     logits = replica(x)
                     loss = batch_loss(logits, y, len(batch), world, params.label_smoothing)
                 optimizer.zero_grad()
@@ -244,8 +242,7 @@ def train(
                 f"epoch {epoch}/{params.epochs}: loss {row['train/loss']:.4f}, "
                 f"accuracy {row['train/accuracy']:.4f}, {trained - start:.1f} s"
             )
-            with products:
-                report(row)
+            report(row)
             reporting += time.perf_counter() - trained
     seconds = time.perf_counter() - started - reporting
     if lead:

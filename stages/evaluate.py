@@ -8,7 +8,7 @@ import torch
 
 from mnist_pipeline.cores import reserved_cores
 from mnist_pipeline.data import load_mnist, to_tensors
-from mnist_pipeline.exact import ExactProducts
+from mnist_pipeline.exact import use_exact_products
 from mnist_pipeline.metrics import evaluate, per_class_accuracy
 from mnist_pipeline.model import load_checkpoint
 from mnist_pipeline.pictures import mistakes_grid, write_png
@@ -16,12 +16,13 @@ from mnist_pipeline.stage import PipelineError, run_stage, write_json, write_tab
 
 
 def main(data: Path, checkpoint: Path, metrics: Path, per_digit: Path, confusions: Path, mistakes: Path) -> None:
-    model = load_checkpoint(checkpoint).model
-    test_images, test_labels = load_mnist(data, "test")
     # On the CPU whatever the training device, with exact products whatever train.arithmetic: the
     # figures are then a function of the checkpoint alone, the same on every machine.
+    use_exact_products()
+    model = load_checkpoint(checkpoint).model
+    test_images, test_labels = load_mnist(data, "test")
     images, labels = to_tensors(test_images, test_labels, torch.device("cpu"))
-    with reserved_cores(torch.get_num_threads()), ExactProducts():
+    with reserved_cores(torch.get_num_threads()):
         result = evaluate(model, images, labels)
     if not math.isfinite(result.loss):
         raise PipelineError(f"{checkpoint}: the model's test loss is {result.loss} (its outputs overflow); retrain it")

@@ -15,12 +15,15 @@ import torch
 
 from mnist_pipeline.cores import reserved_cores
 from mnist_pipeline.data import IMAGE_SIZE, load_mnist, scale_pixels, to_tensors
+from mnist_pipeline.exact import use_exact_products
 from mnist_pipeline.export import export_program, export_torchscript, model_card
 from mnist_pipeline.model import load_checkpoint
 from mnist_pipeline.stage import PipelineError, run_stage, write_json
 
 
 def main(data: Path, checkpoint: Path, metrics: Path, torchscript: Path, program: Path, card: Path) -> None:
+    # The trained model and the exported ones compute with the same exact products, as in evaluate.
+    use_exact_products()
     trained = load_checkpoint(checkpoint)
     images, _ = to_tensors(*load_mnist(data, "test"), torch.device("cpu"))
     images = scale_pixels(images).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE)

@@ -32,6 +32,18 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 PROJECT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def torch_products_between_tests() -> Iterator[None]:
+    """A test that trains in the portable arithmetic turns exact products on for the whole process (as a
+    stage does): the next test starts with torch's own again."""
+    yield
+    from mnist_pipeline.exact import use_exact_products  # imports torch, which must load after pin_kernels()
+
+    use_exact_products(False)
+
+
 # Small settings for the unit tests of training and the optimizer; each test changes what it needs.
 TRAIN_PARAMS = TrainParams(
     optimizer="sgd",

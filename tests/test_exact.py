@@ -9,8 +9,11 @@ import torch.nn.functional as F
 import yaml
 from conftest import PROJECT, user_environment
 
-from mnist_pipeline.exact import ExactLinear, ExactProducts, integer_grid
+from mnist_pipeline.exact import ExactLinear, exact_matmul, integer_grid, library_product, use_exact_products
+from mnist_pipeline.export import exported_program_bytes, torchscript_bytes
+from mnist_pipeline.model import MLP
 from mnist_pipeline.numerics import KERNELS, X86_64
+from mnist_pipeline.torchscript import load_torchscript
 
 
 def linear_with_grads(function, x, weight, bias, grad_y):
@@ -75,14 +78,68 @@ def test_the_grid_keeps_every_integer_within_its_bits():
     assert (m * unit.double() - t.double()).abs().max() <= 2.0**-9
 
 
-def test_inside_exact_products_linear_layers_are_exact_whatever_the_shape():
+def test_with_exact_products_on_every_way_to_a_product_is_exact(tmp_path):
+    """Linear layers of any shape, with and without gradients, the plain products and what comes down
+    to them, and the exported models: once use_exact_products() has run, the process computes none
+    of them with the BLAS library's own float32 product; and again as torch does when it is off."""
+    generator = torch.Generator().manual_seed(4)
+    a, b, v = (torch.randn(*shape, generator=generator) for shape in [(6, 784), (784, 10), (784,)])
+    batch1, batch2 = torch.randn(3, 6, 784, generator=generator), torch.randn(3, 784, 10, generator=generator)
+    bias = torch.randn(10, generator=generator)
     layer = torch.nn.Linear(784, 10)
-    x = torch.rand(2, 3, 784, requires_grad=True)
-    with ExactProducts():
+    model = MLP([16])
+    images = torch.rand(6, 1, 28, 28, generator=generator)
+    torchscript = tmp_path / "model.pt"
+    torchscript.write_bytes(torchscript_bytes(model))
+    program = tmp_path / "model.pt2"
+    program.write_bytes(exported_program_bytes(model))
+
+    def products() -> dict[str, torch.Tensor]:
+        x = torch.rand(2, 3, 784, generator=torch.Generator().manual_seed(5), requires_grad=True)
         y = layer(x)
-        y.sum().backward()  # backward inside the context works too
-    assert torch.equal(y, ExactLinear.apply(x.flatten(0, 1), layer.weight, layer.bias).view(2, 3, 10))
-    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # outside, the machine's own
+        y.sum().backward()
+        with torch.inference_mode():
+            inferred = layer(a)
+        return {
+            "linear": y.detach(),
+            "linear's input gradient": x.grad,
+            "linear under inference_mode": inferred,
+            "mm": a @ b,
+            "addmm": torch.addmm(bias, a, b),
+            "einsum": torch.einsum("ik,kj->ij", a, b),
+            "mv": a @ v,
+            "dot": v @ v,
+            "bmm": batch1 @ batch2,
+            "addbmm": torch.addbmm(bias, batch1, batch2),
+            "TorchScript": load_torchscript(torchscript)(images),
+            "torch.export": torch.export.load(program).module()(images),
+        }
+
+    with torch.no_grad():
+        x = torch.rand(2, 3, 784, generator=torch.Generator().manual_seed(5))
+        hidden = exact_matmul((images.flatten(1) - model.mean) / model.std, model.layers[0].weight.T)
+        hidden = hidden.add_(model.layers[0].bias).relu_()
+        logits = exact_matmul(hidden, model.layers[2].weight.T).add_(model.layers[2].bias)
+        exact = {
+            "linear": (exact_matmul(x.view(6, 784), layer.weight.T) + layer.bias).view(2, 3, 10),
+            "linear's input gradient": exact_matmul(torch.ones(6, 10), layer.weight).view(2, 3, 784),
+            "linear under inference_mode": exact_matmul(a, layer.weight.T) + layer.bias,
+            "mm": exact_matmul(a, b),
+            "addmm": exact_matmul(a, b) + bias,
+            "einsum": exact_matmul(a, b),
+            "mv": exact_matmul(a, v[:, None])[:, 0],
+            "dot": exact_matmul(v[None], v[:, None])[0, 0],
+            "bmm": exact_matmul(batch1, batch2),
+            "addbmm": exact_matmul(batch1.transpose(0, 1).reshape(6, -1), batch2.reshape(-1, 10)) + bias,
+            "TorchScript": logits,
+            "torch.export": logits,
+        }
+    use_exact_products()
+    for name, result in products().items():
+        assert torch.equal(result, exact[name]), name
+    use_exact_products(False)
+    assert torch.equal(a @ b, library_product(a, b))
+    assert not torch.equal(a @ b, exact["mm"])  # the machine's own again
 
 
 def test_products_do_not_depend_on_the_thread_count():

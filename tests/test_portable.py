@@ -1,0 +1,296 @@
+"""The portable arithmetic as a whole: no operation of the pipeline whose bits depend on the CPU,
+and the same bytes from the real pipeline when what differs between CPUs is changed.
+
+Only one CPU is at hand, so another is simulated by changing what tells CPUs apart: MKL's code
+path (MKL_CBWR=COMPATIBLE is the one MKL takes on AMD CPUs; MKL_ENABLE_INSTRUCTIONS=AVX2 that of
+an older Intel), the instruction set oneDNN may use, and the thread count. Each change is shown
+to reach the machine's own arithmetic (a negative control), or the control says why it cannot.
+"""
+
+import dataclasses
+import hashlib
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    PROJECT,
+    TRAIN_PARAMS,
+    copy_project,
+    run,
+    set_params,
+    stage_command,
+    synthetic_split,
+    user_environment,
+)
+
+# torch's base class for seeing every ATen operation, backward's and TorchScript's included; it has no
+# public name, and a change there fails this module at its import, loudly.
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mnist_pipeline.data import to_tensors
+from mnist_pipeline.exact import exact_products_used, use_exact_products
+from mnist_pipeline.export import export_program, export_torchscript
+from mnist_pipeline.metrics import evaluate
+from mnist_pipeline.model import MLP
+from mnist_pipeline.params import AugmentParams
+from mnist_pipeline.torchscript import load_torchscript
+from mnist_pipeline.training import train
+
+EVERY_DEFORMATION = AugmentParams(rotation=15, scale=0.15, shear=10, translation=2, elastic_alpha=34, elastic_sigma=5)
+
+# Every operation the pipeline's arithmetic may run, by the reason its bits are the same on every
+# x86-64 CPU with AVX2. An operation not listed fails test_every_operation_gives_the_same_bits_on_every_cpu:
+# find out which code computes it before adding it (torch's sin, cos, tan, exp and log, for one,
+# are MKL's vector math, whose results differ between CPUs: mnist_pipeline/elementary.py has ours).
+MACHINE_INDEPENDENT = {
+    "moves, views or makes data without arithmetic": {
+        "_local_scalar_dense",
+        "_unsafe_view",
+        "arange",
+        "as_strided",
+        "cat",
+        "clone",
+        "copy_",
+        "detach",
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "expand",
+        "flatten",
+        "index_select",
+        "new_empty",
+        "nonzero",
+        "ones_like",
+        "permute",
+        "reshape",
+        "select",
+        "set_",
+        "slice",
+        "squeeze",
+        "stack",
+        "t",
+        "transpose",
+        "unbind",
+        "unsqueeze",
+        "view",
+        "zeros",
+        "zeros_like",
+    },
+    "exact, or one correctly rounded IEEE 754 operation per element": {
+        "_to_copy",
+        "abs",
+        "add",
+        "add_",
+        "amax",
+        "amin",
+        "argmax",
+        "bitwise_and_",
+        "bitwise_not",
+        "clamp",
+        "clamp_",
+        "div",
+        "div_",
+        "eq",
+        "ge",
+        "gt",
+        "le",
+        "lt",
+        "masked_fill",
+        "masked_fill_",
+        "max",
+        "min",
+        "mul",
+        "mul_",
+        "ne",
+        "neg",
+        "reciprocal",
+        "relu",
+        "round",
+        "round_",
+        "rsub",
+        "sub",
+        "sub_",
+        "threshold_backward",
+        "where",
+    },
+    "ATen's kernels, pinned to their AVX2 versions on every CPU (numerics.py)": {
+        "_foreach_add_",
+        "_fused_adamw_",
+        "_fused_sgd_",
+        "_log_softmax",
+        "_log_softmax_backward_data",
+        "grid_sampler_2d",
+        "nll_loss_backward",
+        "nll_loss_forward",
+        "sum",
+    },
+    "a seeded generator of the CPU, drawing one number after another": {"rand", "randint", "randperm"},
+    "a matrix product: checked by ProductsChecked to be exact, or to reach the exact kernels": {"mm", "bmm"},
+}
+KNOWN = {name for names in MACHINE_INDEPENDENT.values() for name in names}
+
+
+class ProductsChecked(TorchDispatchMode):
+    """Records every operation's name, and checks every matrix product: a float32 one must reach the
+    exact kernels (use_exact_products on), and one the BLAS library computes must multiply integers,
+    its result equal to the int64 product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: Counter[str] = Counter()
+        self.problems: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        self.seen[name] += 1
+        result = func(*args, **kwargs)
+        if name in ("mm", "bmm"):
+            a, b = args[0], args[1]
+            if func._overloadname == "default" and a.dtype == torch.float32:
+                if not exact_products_used():
+                    self.problems.append(
+                        f"{func} on float32 {tuple(a.shape)} @ {tuple(b.shape)} with exact products off"
+                    )
+            elif not (torch.equal(a, a.round()) and torch.equal(b, b.round())):
+                self.problems.append(f"{func} on {a.dtype} {tuple(a.shape)} @ {tuple(b.shape)}: not integers")
+            elif not torch.equal(result, (a.long() @ b.long()).to(result.dtype)):
+                self.problems.append(f"{func} on {a.dtype} {tuple(a.shape)} @ {tuple(b.shape)}: not exact")
+        return result
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_every_operation_gives_the_same_bits_on_every_cpu(tmp_path, optimizer):
+    """A short portable training with every deformation and the per-epoch test passes (epoch 0
+    included), then evaluate's pass and the export's parity checks, as the stages run them."""
+    images, labels = to_tensors(*synthetic_split(256, seed=0), torch.device("cpu"))
+    test_images, test_labels = to_tensors(*synthetic_split(100, seed=1), torch.device("cpu"))
+    params = dataclasses.replace(
+        TRAIN_PARAMS, optimizer=optimizer, schedule="onecycle", label_smoothing=0.1, epochs=1, batch_size=64
+    )
+    torch.manual_seed(1)
+    model = MLP([32, 16])
+    checked = ProductsChecked()
+    with checked:
+        train(model, images, labels, params, EVERY_DEFORMATION, lambda row: evaluate(model, test_images, test_labels))
+    # The evaluate and export stages turn exact products on first; then the checks run what they run.
+    use_exact_products()
+    pixels = (test_images.float() / 255).view(-1, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(pixels)
+    assert export_torchscript(model, tmp_path / "model.pt", pixels, expected) == 0
+    assert export_program(model, tmp_path / "model.pt2", pixels, expected) == 0  # traced outside the check
+    with checked:
+        evaluate(model, test_images, test_labels)
+        exported = [
+            load_torchscript(tmp_path / "model.pt")(pixels),
+            torch.export.load(tmp_path / "model.pt2").module()(pixels),
+        ]
+    assert all(torch.equal(logits, expected) for logits in exported)
+    assert not checked.problems
+    assert checked.seen["mm"] and checked.seen["grid_sampler_2d"]  # it did see products and deformations
+    unknown = sorted(set(checked.seen) - KNOWN)
+    assert not unknown, f"operations not known to give the same bits on every CPU: {unknown}"
+
+
+def test_the_products_check_catches_a_product_that_escapes():
+    """The negative control of the test above: torch's own float32 product is caught, and so is a
+    product of non-integers that reaches the library."""
+    a, b = torch.rand(4, 5), torch.rand(5, 3)
+    checked = ProductsChecked()
+    with checked:
+        a @ b  # exact products off
+        torch.mm(a, b, out=torch.empty(4, 3))  # the out= variant, which use_exact_products leaves to torch
+    assert len(checked.problems) == 2
+    assert "exact products off" in checked.problems[0] and "not integers" in checked.problems[1]
+
+
+# --- The real pipeline, run as a user runs it, with what tells CPUs apart changed ---------------
+
+# Each an environment that makes this machine compute as another CPU may. MKL reads MKL_CBWR and
+# MKL_ENABLE_INSTRUCTIONS, oneDNN ONEDNN_MAX_CPU_ISA, and OpenMP (so torch) OMP_NUM_THREADS.
+OTHER_CPUS = {
+    "MKL's path for AMD CPUs, 3 threads": {"MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "3"},
+    "an AVX2-only CPU": {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "1 thread, oneDNN held to SSE4.1": {"OMP_NUM_THREADS": "1", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+}
+
+
+def output_hashes(project: Path) -> dict[str, str]:
+    """The sha256 of every output of the pipeline (dvc.yaml's outs, metrics and plots), by path."""
+    files = [*(project / "metrics").rglob("*.*"), *(project / "models").glob("*.*")]
+    return {str(p.relative_to(project)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(files)}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, synthetic_mirror):
+    """A copy of the project after `dvc repro` on synthetic data: one epoch with every deformation on."""
+    directory, checksums = synthetic_mirror
+    project = copy_project(tmp_path_factory.mktemp("portable"), checksums)
+    set_params(project, epochs=1)
+    set_params(project, "augment", **dataclasses.asdict(EVERY_DEFORMATION))
+    run(project, "dvc", "repro", mirror=str(directory))
+    return project, str(directory), output_hashes(project)
+
+
+@pytest.mark.parametrize("cpu", OTHER_CPUS)
+def test_the_pipeline_gives_the_same_bytes_on_another_cpu(pipeline, cpu):
+    project, mirror, expected = pipeline
+    result = run(project, "dvc", "repro", "--force", mirror=mirror, **OTHER_CPUS[cpu])
+    assert result.stdout.count("Running stage") == 4
+    assert output_hashes(project) == expected
+
+
+def checkpoint_of_native_training(project: Path, **variables: str) -> bytes:
+    """The checkpoint of the train stage's own command with train.arithmetic native, run with `variables`."""
+    run(project, *stage_command(project, "train"), **variables)
+    return (project / "models" / "checkpoint.pt").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory, synthetic_mirror):
+    """A copy with the data in place, set to train natively (one epoch, every deformation on)."""
+    directory, checksums = synthetic_mirror
+    project = copy_project(tmp_path_factory.mktemp("native"), checksums)
+    set_params(project, epochs=1, arithmetic="native")
+    set_params(project, "augment", **dataclasses.asdict(EVERY_DEFORMATION))
+    run(project, "dvc", "repro", "download", mirror=str(directory))
+    return project, checkpoint_of_native_training(project)
+
+
+@pytest.mark.parametrize("cpu", OTHER_CPUS)
+def test_each_other_cpu_changes_the_native_arithmetic(native, cpu):
+    """The negative control: the same change does reach the machine's own products."""
+    project, expected = native
+    if checkpoint_of_native_training(project, **OTHER_CPUS[cpu]) == expected:
+        pytest.skip(f"{cpu} ({OTHER_CPUS[cpu]}) leaves the native training unchanged on this CPU")
+
+
+# torch's tangent and exponential on fixed values, as a hash: MKL's vector math computes them.
+HASH_VECTOR_MATH = """
+import hashlib, torch
+x = torch.linspace(-1.5, 1.5, 10001)
+print(hashlib.sha256(torch.tan(x).numpy().tobytes() + torch.exp(x).numpy().tobytes()).hexdigest())
+"""
+
+
+def test_mkls_code_path_changes_torchs_own_elementary_functions():
+    """The negative control for augmentation, whose sines and cosines torch's own functions would give:
+    the change of MKL's code path that the pipeline above shrugs off does change them."""
+    hashes = {
+        branch: subprocess.run(
+            [sys.executable, "-c", HASH_VECTOR_MATH],
+            cwd=PROJECT,
+            env=user_environment(**({"MKL_CBWR": branch} if branch else {})),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for branch in ("", "COMPATIBLE")
+    }
+    if len(set(hashes.values())) == 1:
+        pytest.skip("MKL takes its COMPATIBLE path on this CPU already (an AMD CPU's)")
