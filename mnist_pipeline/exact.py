@@ -4,16 +4,20 @@ A float32 matrix product adds its terms in the order its BLAS library picks for 
 and the thread count, and float addition is not associative. MKL's products differ in their
 last bits between an Intel and an AMD CPU, and between 1 and 2 threads, even with its
 reproducibility settings (MKL_CBWR: docs/reproducibility.md), and SGD grows those bits into
-different weights. Here every operand is rounded to integers times a power of two, with one
-power per row of the left operand and per column of the right one, and with few enough bits
-that every product and every partial sum of those integers is exact in float64. MKL's float64
-product then returns the exact sums whatever order it adds in, on any CPU and thread count, and
-scaling them back and rounding once to float32 gives the same bits everywhere.
+different weights. Unless no addition rounds: here every operand is rounded to a grid of 2**8
+steps below its largest magnitude, whose step (unit) is a power of two, so that each product of
+two operands is an integer below 2**16 times the product of their units, and a sum of up to 256
+of them an integer below 2**24 times it, which float32 holds exactly. The BLAS library's own
+float32 product then returns exact sums of chunks of 256 terms, whatever order it adds in, on
+any CPU, thread count or GPU; the chunks of a longer sum are added in a fixed order.
 
-Each operand keeps 21 to 27 significant bits relative to the largest entry of its row (or
-column), against float32's 24, so the results are as accurate as float32 products. They cost
-a float64 product, about twice a float32 one, plus the rounding passes: `make bench` measures
-the whole against train.arithmetic: native.
+Each operand is rounded as a whole: a weight, a gradient, a batch of inputs (which so share a
+grid, as in dynamic quantization: an image's outputs depend a little on its batch, and evaluate's
+batches are fixed). 8 significant bits below the largest magnitude, as bf16 keeps 8, but the
+sums are exact where bf16's are not: every recipe's accuracy stays within the spread of its
+seeds (docs/performance.md). The cost over torch's own products is the rounding, three
+element-wise passes per operand, and Python's dispatch: `make bench` measures it against
+train.arithmetic: native.
 
 No product escapes: `use_exact_products()` registers, through torch.library, this module's
 kernels for aten::linear (at the autograd level, so that ExactLinear computes both gradients)
@@ -22,6 +26,8 @@ then on the process computes every one exactly, whichever code reaches it: a tra
 test pass, the evaluation, a TorchScript or torch.export program, a product added later.
 """
 
+import functools
+import math
 import warnings
 
 import torch
@@ -30,22 +36,34 @@ from torch.nn import functional as F
 from mnist_pipeline.numerics import KERNELS, X86_64
 from mnist_pipeline.stage import PipelineError
 
-FLOAT64_INTEGER_BITS = 53  # every integer up to 2**53 is exact in float64, and so is a sum that stays there
+GRID_BITS = 8  # steps of an operand's grid: 2**8 below its largest magnitude
+FLOAT32_INTEGER_BITS = 24  # every integer up to 2**24 is exact in float32, and so is a sum that stays there
+EXACT_TERMS = 2 ** (FLOAT32_INTEGER_BITS - 2 * GRID_BITS)  # 256 products of two operands sum exactly
 EXPONENT_BITS = 0x7F800000  # of a float32
-SMALLEST_SCALE = 2.0**-64  # keeps every unit below a normal float32; a slice under it just keeps fewer bits
+# t + 1.5 * 2**23 * unit, less the same, is t rounded to a multiple of unit (for |t| < 2**22 * unit): the
+# sum lies where float32's spacing is unit, and the subtraction is exact.
+ROUNDING_SHIFT = 1.5 * 2.0**23
+# Every largest magnitude counts as at least 2**-40, so that a unit, and the product of two, is a normal
+# float32 (no subnormal numbers, which some kernels flush to zero); smaller values round to 0.
+SMALLEST_EXPONENT = -40
 
 
-def integer_grid(t: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(m, unit): float64 integers m with |m| <= 2**bits, and a power of two `unit` for each slice of
-    float32 `t` along `dim` (kept as a dimension of size 1), such that m * unit is t rounded to the grid.
+def on_grid(t: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(rounded, unit): float32 `t` rounded as a whole to multiples of a power of two `unit`, below
+    2**GRID_BITS units in magnitude (all NaN if `t` holds a NaN or an infinity)."""
+    low, high = (bound.item() for bound in torch.aminmax(t))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return torch.full_like(t, math.nan), math.nan
+    exponent = max(math.frexp(max(-low, high))[1], SMALLEST_EXPONENT + 1)  # |t| < 2**exponent
+    shift = rounding_shift(exponent - GRID_BITS, t.device)
+    return t.add(shift).sub_(shift), 2.0 ** (exponent - GRID_BITS)
 
-    A NaN or infinity in a slice makes its unit infinite, and so its products NaN.
-    """
-    top = t.abs().amax(dim, keepdim=True)
-    # 2**floor(log2(top)): the float's exponent bits alone.
-    top.view(torch.int32).bitwise_and_(EXPONENT_BITS)
-    unit = top.clamp_(min=SMALLEST_SCALE).mul_(2.0 ** (1 - bits))  # |t| < 2 * top = 2**bits * unit
-    return t.div(unit).round_().double(), unit
+
+@functools.cache
+def rounding_shift(exponent: int, device: torch.device) -> torch.Tensor:
+    """ROUNDING_SHIFT * 2**exponent as a float32 scalar tensor: added to a tensor, unlike a Python
+    float, it needs no conversion (a third of an addition's time on the MLP's tensors)."""
+    return torch.tensor(ROUNDING_SHIFT * 2.0**exponent, dtype=torch.float32, device=device)
 
 
 def library_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -55,37 +73,60 @@ def library_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out=out)
 
 
-def exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for float32 matrices (or batches of them), from `a` rounded per row and `b` per column to a
-    grid of integers that share the 53 bits of float64 (see integer_grid), rounded once to float32."""
+def grid_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for matrices on grids (on_grids, on_grid): each chunk of up to EXACT_TERMS terms exact, by the
+    library; the chunks of a longer sum added in order."""
     terms = a.shape[-1]
-    bits = FLOAT64_INTEGER_BITS - (terms - 1).bit_length()  # a sum of `terms` products stays within 2**53
-    ma, ua = integer_grid(a, -1, bits // 2)
-    mb, ub = integer_grid(b, -2, bits - bits // 2)
-    return library_product(ma, mb).float().mul_(ua).mul_(ub)
+    least = -(-terms // EXACT_TERMS)
+    if least == 1:
+        return library_product(a, b)
+    # Equal chunks, if some count up to twice the least divides the terms, go in one batched product.
+    chunks = next((count for count in range(least, 2 * least + 1) if terms % count == 0), None)
+    if a.dim() == 2 and chunks:
+        size = terms // chunks
+        parts = library_product(a.reshape(len(a), chunks, size).transpose(0, 1), b.reshape(chunks, size, -1))
+    else:
+        size = -(-terms // least)
+        parts = [library_product(a[..., i : i + size], b[..., i : i + size, :]) for i in range(0, terms, size)]
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    return total
 
 
-def exact_sum(t: torch.Tensor) -> torch.Tensor:
-    """The column sums of float32 `t`, from its columns rounded to integers that share float64's 53 bits."""
-    m, unit = integer_grid(t, 0, FLOAT64_INTEGER_BITS - (len(t) - 1).bit_length())
-    return m.sum(0).float().mul_(unit[0])
+def grid_column_sums(t: torch.Tensor) -> torch.Tensor:
+    """The column sums of `t`, on a grid of GRID_BITS bits: exact in chunks of rows, added in order."""
+    rows = 2 ** (FLOAT32_INTEGER_BITS - GRID_BITS)
+    total = t[:rows].sum(0)
+    for first in range(rows, len(t), rows):
+        total += t[first : first + rows].sum(0)
+    return total
+
+
+def exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for float32 matrices (or batches of them), each rounded to its grid."""
+    return grid_product(on_grid(a)[0], on_grid(b)[0])
 
 
 class ExactLinear(torch.autograd.Function):
-    """F.linear (x @ weight.T + bias) for 2-dimensional x, and its gradients, by exact products."""
+    """F.linear (x @ weight.T + bias) for 2-dimensional x, and its gradients, by exact products: the
+    operands rounded once each, x and the weight for both the forward product and a gradient."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        y = exact_matmul(x, weight.T)
+        x_grid, _ = on_grid(x)
+        weight_grid, _ = on_grid(weight)
+        ctx.save_for_backward(x_grid, weight_grid)
+        y = grid_product(x_grid, weight_grid.T)  # exact_matmul(x, weight.T)
         return y if bias is None else y.add_(bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        grad_x = exact_matmul(grad, weight) if ctx.needs_input_grad[0] else None
-        grad_weight = exact_matmul(grad.T, x) if ctx.needs_input_grad[1] else None
-        grad_bias = exact_sum(grad) if ctx.needs_input_grad[2] else None
+        x_grid, weight_grid = ctx.saved_tensors
+        grad_grid, _ = on_grid(grad)
+        grad_x = grid_product(grad_grid, weight_grid) if ctx.needs_input_grad[0] else None
+        grad_weight = grid_product(grad_grid.T, x_grid) if ctx.needs_input_grad[1] else None
+        grad_bias = grid_column_sums(grad_grid) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias
 
 
@@ -121,8 +162,15 @@ def exact_products_used() -> bool:
     return _exact
 
 
+def _computes_exactly(*args) -> bool:
+    """Whether a kernel computes exactly: while use_exact_products is on, for float32 operands, and not for
+    torch.export or torch.compile, which trace torch's own operations (the program runs ours)."""
+    floats = all(t.dtype == torch.float32 for t in args if isinstance(t, torch.Tensor))
+    return _exact and floats and not torch.compiler.is_compiling()
+
+
 def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if _exact and input.dtype == weight.dtype == torch.float32:
+    if _computes_exactly(input, weight):
         return exact_linear(input, weight, bias)
     return torch.ops.aten.linear.default.decompose(input, weight, bias)  # torch's own linear
 
@@ -134,7 +182,7 @@ def _switched(name: str, exact_kernel):
     native = getattr(torch.ops.aten, name.rstrip("_")).out
 
     def kernel(*args, **kwargs):
-        if _exact and all(t.dtype == torch.float32 for t in args if isinstance(t, torch.Tensor)):
+        if _computes_exactly(*args):
             result = exact_kernel(*args, **kwargs)
             return args[0].copy_(result) if in_place else result
         return native(*args, **kwargs, out=args[0] if in_place else args[0].new_empty(0))

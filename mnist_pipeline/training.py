@@ -66,7 +66,7 @@ def configure_device(params: TrainParams, device: torch.device) -> None:
             )
         if device.type == "mps":
             raise PipelineError(
-                "params.yaml: train.arithmetic portable computes its products in float64, which mps devices lack; "
+                "params.yaml: train.arithmetic portable needs float64, for augmentation, which mps devices lack; "
                 "set train.arithmetic: native, or train.device: cpu"
             )
         check_portable_kernels()
@@ -97,9 +97,9 @@ def check_model_fits(hidden_sizes: list[int], params: TrainParams, device: torch
     """Refuse, before allocating anything, a model whose training cannot fit in `device`'s memory."""
     with torch.device("meta"):  # the model's shapes, without its memory
         weights = sum(parameter.numel() for parameter in MLP(hidden_sizes).parameters())
-    # float32 weights and gradients, the optimizer's state, and bf16 or (portable) float64 copies of the weights.
+    # float32 weights and gradients, the optimizer's state, and bf16 or (portable) rounded copies of the weights.
     state = {"sgd": 1 if params.momentum else 0, "adamw": 2}[params.optimizer]
-    copy = 2 if params.precision == "bf16" else 8 if params.arithmetic == "portable" else 0
+    copy = 2 if params.precision == "bf16" else 4 if params.arithmetic == "portable" else 0
     needed = weights * (4 * (2 + state) + copy)
     if device.type == "cuda":
         available = torch.cuda.get_device_properties(device).total_memory

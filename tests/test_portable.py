@@ -47,97 +47,30 @@ EVERY_DEFORMATION = AugmentParams(rotation=15, scale=0.15, shear=10, translation
 # find out which code computes it before adding it (torch's sin, cos, tan, exp and log, for one,
 # are MKL's vector math, whose results differ between CPUs: mnist_pipeline/elementary.py has ours).
 MACHINE_INDEPENDENT = {
-    "moves, views or makes data without arithmetic": {
-        "_local_scalar_dense",
-        "_unsafe_view",
-        "arange",
-        "as_strided",
-        "cat",
-        "clone",
-        "copy_",
-        "detach",
-        "empty",
-        "empty_like",
-        "empty_strided",
-        "expand",
-        "flatten",
-        "index_select",
-        "new_empty",
-        "nonzero",
-        "ones_like",
-        "permute",
-        "reshape",
-        "select",
-        "set_",
-        "slice",
-        "squeeze",
-        "stack",
-        "t",
-        "transpose",
-        "unbind",
-        "unsqueeze",
-        "view",
-        "zeros",
-        "zeros_like",
-    },
-    "exact, or one correctly rounded IEEE 754 operation per element": {
-        "_to_copy",
-        "abs",
-        "add",
-        "add_",
-        "amax",
-        "amin",
-        "argmax",
-        "bitwise_and_",
-        "bitwise_not",
-        "clamp",
-        "clamp_",
-        "div",
-        "div_",
-        "eq",
-        "ge",
-        "gt",
-        "le",
-        "lt",
-        "masked_fill",
-        "masked_fill_",
-        "max",
-        "min",
-        "mul",
-        "mul_",
-        "ne",
-        "neg",
-        "reciprocal",
-        "relu",
-        "round",
-        "round_",
-        "rsub",
-        "sub",
-        "sub_",
-        "threshold_backward",
-        "where",
-    },
-    "ATen's kernels, pinned to their AVX2 versions on every CPU (numerics.py)": {
-        "_foreach_add_",
-        "_fused_adamw_",
-        "_fused_sgd_",
-        "_log_softmax",
-        "_log_softmax_backward_data",
-        "grid_sampler_2d",
-        "nll_loss_backward",
-        "nll_loss_forward",
-        "sum",
-    },
-    "a seeded generator of the CPU, drawing one number after another": {"rand", "randint", "randperm"},
-    "a matrix product: checked by ProductsChecked to be exact, or to reach the exact kernels": {"mm", "bmm"},
+    "moves, views or makes data without arithmetic": (
+        "_local_scalar_dense _unsafe_view arange as_strided cat copy_ detach empty empty_like empty_strided expand "
+        "index_select lift_fresh new_empty nonzero ones_like permute select set_ slice stack transpose unbind "
+        "unsqueeze view zeros zeros_like"
+    ),
+    "exact, or one correctly rounded IEEE 754 operation per element": (
+        "_to_copy abs add add_ aminmax argmax bitwise_not clamp div div_ eq gt lt masked_fill masked_fill_ max "
+        "min mul mul_ ne neg reciprocal relu round_ rsub sub sub_ threshold_backward"
+    ),
+    "ATen's kernels, pinned to their AVX2 versions on every CPU (numerics.py)": (
+        "_foreach_add_ _fused_adamw_ _fused_sgd_ _log_softmax _log_softmax_backward_data grid_sampler_2d "
+        "nll_loss_backward nll_loss_forward sum"
+    ),
+    "a seeded generator of the CPU, drawing one number after another": "rand randint randperm",
+    "a matrix product: checked by ProductsChecked to be exact, or to reach the exact kernels": "mm bmm",
 }
-KNOWN = {name for names in MACHINE_INDEPENDENT.values() for name in names}
+KNOWN = {name for names in MACHINE_INDEPENDENT.values() for name in names.split()}
 
 
 class ProductsChecked(TorchDispatchMode):
     """Records every operation's name, and checks every matrix product: a float32 one must reach the
-    exact kernels (use_exact_products on), and one the BLAS library computes must multiply integers,
-    its result equal to the int64 product."""
+    exact kernels (use_exact_products on), and one the BLAS library computes must be exact: in
+    float32, equal to the float64 product of the same operands; in float64 (augmentation's
+    smoothing), a product of integers equal to the int64 one."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -151,15 +84,17 @@ class ProductsChecked(TorchDispatchMode):
         result = func(*args, **kwargs)
         if name in ("mm", "bmm"):
             a, b = args[0], args[1]
+            product = f"{func} of {a.dtype} {tuple(a.shape)} and {tuple(b.shape)}"
             if func._overloadname == "default" and a.dtype == torch.float32:
                 if not exact_products_used():
-                    self.problems.append(
-                        f"{func} on float32 {tuple(a.shape)} @ {tuple(b.shape)} with exact products off"
-                    )
+                    self.problems.append(f"{product} with exact products off")
+            elif a.dtype == torch.float32:
+                if not torch.equal(result.double(), a.double() @ b.double()):
+                    self.problems.append(f"{product}: not exact")
             elif not (torch.equal(a, a.round()) and torch.equal(b, b.round())):
-                self.problems.append(f"{func} on {a.dtype} {tuple(a.shape)} @ {tuple(b.shape)}: not integers")
+                self.problems.append(f"{product}: not of integers")
             elif not torch.equal(result, (a.long() @ b.long()).to(result.dtype)):
-                self.problems.append(f"{func} on {a.dtype} {tuple(a.shape)} @ {tuple(b.shape)}: not exact")
+                self.problems.append(f"{product}: not exact")
         return result
 
 
@@ -205,8 +140,10 @@ def test_the_products_check_catches_a_product_that_escapes():
     with checked:
         a @ b  # exact products off
         torch.mm(a, b, out=torch.empty(4, 3))  # the out= variant, which use_exact_products leaves to torch
-    assert len(checked.problems) == 2
-    assert "exact products off" in checked.problems[0] and "not integers" in checked.problems[1]
+        a.double() @ b.double()
+    assert len(checked.problems) == 3
+    assert "exact products off" in checked.problems[0]
+    assert checked.problems[1].endswith("not exact") and checked.problems[2].endswith("not of integers")
 
 
 # --- The real pipeline, run as a user runs it, with what tells CPUs apart changed ---------------

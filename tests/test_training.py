@@ -166,14 +166,14 @@ def test_a_learning_rate_that_blows_up_stops_training_at_the_first_bad_step():
 
 
 def test_a_model_too_big_for_the_device_is_refused_before_allocating():
-    # SGD with momentum: weights, gradients and one buffer (12 bytes a weight), and the products' float64 copies.
+    # SGD with momentum: weights, gradients and one buffer (12 bytes a weight), and the products' rounded copies.
     params = TRAIN_PARAMS
     check_model_fits([520, 320, 240, 120], params, torch.device("cpu"))
     with pytest.raises(PipelineError) as error:
         check_model_fits([10**12], params, torch.device("cpu"))
     assert re.fullmatch(
         r"params.yaml: model.hidden_sizes \[1000000000000\] makes 795,000,000,000,010 weights, which need at "
-        r"least 14,808,\d{3}.\d GiB to train; this cpu device has [\d,.]+ GiB",
+        r"least 11,846,\d{3}.\d GiB to train; this cpu device has [\d,.]+ GiB",
         str(error.value),
     )
 
