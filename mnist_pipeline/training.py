@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mnist_pipeline.augment import Augmentation
+from mnist_pipeline.cores import FreeCores
 from mnist_pipeline.data import scale_pixels
 from mnist_pipeline.distributed import rank_and_world
 from mnist_pipeline.exact import check_portable_kernels, use_exact_products
@@ -31,6 +32,7 @@ from mnist_pipeline.stage import (
 )
 
 PROGRESS_EVERY = 100  # batches between loss readouts: each one waits for the device
+THREADS_EVERY = 10  # batches between looks at the free cores (each a read of /proc/stat, once 0.25 s have passed)
 # Training images the untrained model is scored on for epoch 0: as many as the test set has. An
 # untrained model's loss varies little between samples, and all 60,000 cost 0.9 s a run.
 INITIAL_SAMPLE = 10_000
@@ -180,8 +182,15 @@ def train(
     shuffle = torch.Generator().manual_seed(params.seed)
     augmentation = Augmentation(augment, params.seed, device)
     replica = model if world == 1 else DistributedDataParallel(model)  # its backward averages the gradients
+    # Threads fitted to the cores other programs leave free, where the count changes no bit: in the
+    # portable arithmetic, with train.num_threads 0 (all cores), in one process on the CPU.
+    adapt = params.arithmetic == "portable" and params.num_threads == 0 and world == 1 and device.type == "cpu"
+    free_cores = FreeCores() if adapt else None
+    most_threads = torch.get_num_threads()
     model.train()
     started = time.perf_counter()
+    if free_cores:
+        fit_threads(free_cores, most_threads, None)
     if lead:
         initial = evaluate(model, images[:INITIAL_SAMPLE], labels[:INITIAL_SAMPLE])
         report({"epoch": 0, "train/loss": initial.loss, "train/accuracy": initial.accuracy, "lr": optimizer.lr()})
@@ -226,6 +235,8 @@ def train(
                     checked = step
                 if lead and step % PROGRESS_EVERY == 0:
                     progress.set_postfix(epoch=f"{epoch}/{params.epochs}", loss=f"{loss.item():.4f}", refresh=False)
+                if free_cores and step % THREADS_EVERY == 0:
+                    fit_threads(free_cores, most_threads, progress)
             if world > 1:
                 torch.distributed.all_reduce(loss_sum)
                 torch.distributed.all_reduce(correct)
@@ -252,6 +263,21 @@ def train(
             f"({params.epochs * n / seconds:,.0f} img/s), plus {reporting:.2f} s of per-epoch evaluation"
         )
     model.eval()
+
+
+def fit_threads(free_cores: FreeCores, most: int, progress: tqdm | None) -> None:
+    """Run as many threads as there are free cores (at least 1, at most `most`), saying so when that changes
+    (to `progress`, or else to stdout)."""
+    free = free_cores.count()
+    if free is None:
+        return
+    threads = max(1, min(most, math.floor(free + 0.5)))  # a core counts if half of it is free
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+        busy, cores = free_cores.cores - free, counted(free_cores.cores, "core")
+        (progress or tqdm).write(
+            f"{counted(threads, 'thread')} from here: other processes keep {busy:.1f} of {cores} busy"
+        )
 
 
 def batch_loss(

@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 import math
 import re
 import subprocess
@@ -8,6 +9,7 @@ import pytest
 import torch
 from conftest import NO_AUGMENTATION, PROJECT, TRAIN_PARAMS, synthetic_split
 
+from mnist_pipeline import training
 from mnist_pipeline.data import to_tensors
 from mnist_pipeline.model import MLP
 from mnist_pipeline.optim import Optimizer
@@ -84,6 +86,35 @@ def test_one_two_and_three_threads_train_the_same_weights():
     for other in models[1:]:
         for a, b in zip(models[0].state_dict().values(), other.state_dict().values(), strict=True):
             assert torch.equal(a, b)
+
+
+def test_threads_follow_the_free_cores_at_every_readout_and_change_no_bit(monkeypatch, capsys):
+    """A portable training fits its thread count to the cores other processes leave free, up to what it
+    started with; its weights are those of a training on a fixed thread count."""
+    threads_used = []
+
+    class BusyMachine:  # 3 cores, of which other processes leave these free, look after look
+        cores = 3
+        free = itertools.cycle([0.7, 1.6, 1.4, 3.0])
+
+        def count(self) -> float:
+            threads_used.append(torch.get_num_threads())
+            return next(self.free)
+
+    params = dataclasses.replace(TRAIN_PARAMS, batch_size=32, epochs=3)  # 10 steps an epoch: a look at each end
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fixed, _ = fit(dataclasses.replace(params, num_threads=2), (520, 320, 240, 120))
+        monkeypatch.setattr(training, "FreeCores", BusyMachine)
+        torch.set_num_threads(3)
+        adapted, _ = fit(params, (520, 320, 240, 120))
+    finally:
+        torch.set_num_threads(threads)
+    assert threads_used == [3, 1, 2, 1]  # before the first test pass, then at the end of each epoch
+    assert "1 thread from here: other processes keep 2.3 of 3 cores busy" in capsys.readouterr().out
+    for a, b in zip(fixed.state_dict().values(), adapted.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize(
