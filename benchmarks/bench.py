@@ -9,8 +9,13 @@ ratios are taken within a round, between neighbours.
   tutorial  benchmarks/tutorial_baseline.py: the seed tutorial's loop, with its test pass per epoch
   repro     `dvc repro --force --downstream train`: train, evaluate and export at default params
   variants  the train and evaluate stages alone: the default, fast and medium recipes with the portable
-            arithmetic (the default) and with the machine's native one, in turn; bf16 where the CPU has
-            it; 1 thread; 2 processes
+            arithmetic (the default) and with the machine's native one, in turn; default and fast again as
+            on a CPU with AVX2 alone (MKL and oneDNN held to AVX2); bf16 where the CPU has it; 1 thread;
+            2 processes
+  busy      a training (default params, 2 epochs) beside 1 and beside 2 busy processes, fitting its
+            threads to the free cores, and with 2 threads fixed; against one with 1 thread alone
+  steps     where a training step's time goes at batch 64 and 256, in both arithmetics
+            (benchmarks/step_profile.py: products, roundings, conversions, optimizer, the rest)
   augment   the share of an epoch that augmentation takes: the best recipe for 3 epochs, and the same
             with every augment strength 0, in turn
   best      the best recipe (the train and evaluate stages), with train.seed = the round's number
@@ -25,6 +30,7 @@ ratios are taken within a round, between neighbours.
 """
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -62,9 +68,15 @@ def overrides(name: str) -> dict:
 RECIPES = {"default": {}, "fast": overrides("fast"), "medium": overrides("medium")}
 NATIVE = {"train.arithmetic": "native"}
 NO_AUGMENTATION = {key: 0 for key in overrides("best") if key.startswith("augment.")}
+# A CPU with AVX2 alone, as near as this one comes to it: MKL's and oneDNN's kernels held to AVX2 (ATen's
+# are in the portable arithmetic anyway). Variants named "..., AVX2-only" run with it.
+AVX2_ONLY = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+EMULATED = [f"{name}, AVX2-only" for name in ("default", "fast")]
 VARIANTS = {
     **RECIPES,
     **{f"{name}, native": params | NATIVE for name, params in RECIPES.items()},
+    **{name: RECIPES[name.split(",")[0]] for name in EMULATED},
+    **{f"{name.split(',')[0]}, native, AVX2-only": RECIPES[name.split(",")[0]] | NATIVE for name in EMULATED},
     "fast, bf16": RECIPES["fast"] | NATIVE | {"train.precision": "bf16"},  # where the CPU has native bf16
     "1-thread": {"train.num_threads": 1},
     "2 processes": {"train.nproc": 2},  # data-parallel through torchrun, a thread each
@@ -117,6 +129,10 @@ class Scratch:
                 f"{' '.join(command)} failed:\n{''.join(line for _, line in lines)[-2000:]}{errors[-2000:]}"
             )
         return Run(wall, usage.ru_maxrss * 1024, lines, errors)
+
+    def run_with(self, variables: dict[str, str]) -> Callable[..., Run]:
+        """self.run with `variables` added to the environment."""
+        return Scratch(self.path, self.env | variables).run
 
     def new_seed(self) -> int:
         self.seeds += 1
@@ -232,12 +248,13 @@ def run_variant(scratch: Scratch, name: str, changes: dict) -> dict:
     (scratch.path / work).mkdir(exist_ok=True)
     (scratch.path / work / "params.yaml").write_text(yaml.safe_dump(params))
     checkpoint = str(work / "checkpoint.pt")
-    train = scratch.run(
+    run = scratch.run_with(AVX2_ONLY) if name.endswith("AVX2-only") else scratch.run
+    train = run(
         *(sys.executable, "-X", "importtime", "-m", "stages.train", "--params", str(work / "params.yaml")),
         *("--data", "data/mnist", "--checkpoint", checkpoint, "--live", str(work / "live")),
         *("--augmented", str(work / "augmented.gif")),
     )
-    evaluate = scratch.run(
+    evaluate = run(
         *(sys.executable, "-m", "stages.evaluate", "--data", "data/mnist", "--checkpoint", checkpoint),
         *("--metrics", str(work / "eval.json"), "--per-digit", str(work / "per_digit.csv")),
         *("--confusions", str(work / "confusions.csv"), "--mistakes", str(work / "mistakes.png")),
@@ -319,6 +336,38 @@ def run_parallel(scratch: Scratch) -> dict:
     return {"alone": alone, "both": both, "throughput": 2 * alone / both}
 
 
+BUSY = "while True: pass"
+STEP_PARTS = ["products", "roundings", "conversions", "optimizer", "other operations", "rest", "profiled", "step"]
+
+
+def run_busy(scratch: Scratch, round_number: int) -> dict:
+    """Images a second of a training (default params, 2 epochs) with 1 thread alone, and beside 1 and
+    2 busy processes: with its threads fitted to the free cores (the default), and with 2 fixed."""
+    cases = [(0, {"train.num_threads": 1})]
+    for busy in (1, 2):
+        cases += [(busy, {}), (busy, {"train.num_threads": 2})]
+    speeds = {}
+    for busy, changes in cases if round_number % 2 else cases[::-1]:
+        processes = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(busy)]
+        try:
+            result = run_variant(scratch, "busy", {"train.epochs": 2} | changes)
+        finally:
+            for process in processes:
+                process.kill()
+                process.wait()
+        speeds[busy, "fixed" if changes else "fitted"] = result["images"] / result["train"]
+    alone = speeds[0, "fixed"]
+    return {f"{busy}, {how}": speed / alone for (busy, how), speed in speeds.items()} | {"alone": alone}
+
+
+def run_steps(scratch: Scratch) -> dict:
+    """benchmarks/step_profile.py's split of a step, at batch 64 and at 256."""
+    return {
+        batch: json.loads(scratch.run(sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), str(batch)).out)
+        for batch in (64, 256)
+    }
+
+
 def run_sweep(scratch: Scratch, workers: int) -> float:
     """Wall time of the 4-run grid through the queue, from `dvc queue start` to the last result."""
     scratch.run(
@@ -344,6 +393,9 @@ def variants_in_order(round_number: int) -> list[str]:
     for recipe_name in RECIPES:
         pair = [recipe_name, f"{recipe_name}, native"]
         names += pair if round_number % 2 else pair[::-1]
+    for emulated in EMULATED:
+        pair = [emulated, emulated.replace(", AVX2-only", ", native, AVX2-only")]
+        names += pair if round_number % 2 else pair[::-1]
     bf16 = ["fast, bf16"] if cpu_has_native_bf16() else []
     return [*names, *bf16, "1-thread", "2 processes"]
 
@@ -356,7 +408,7 @@ def spread(values: list[float], digits: int = 1) -> str:
 
 
 def main() -> None:
-    cases = ["tutorial", "repro", "variants", "augment", "best", "exp-run", "parallel", "sweep"]
+    cases = ["tutorial", "repro", "variants", "busy", "steps", "augment", "best", "exp-run", "parallel", "sweep"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", nargs="+", choices=cases, help="cases to run (default: all)")
@@ -367,8 +419,8 @@ def main() -> None:
     def record(name: str, measure: Callable[[], dict | float]) -> None:
         result = measure()
         results.setdefault(name, []).append(result)
-        shown = result if isinstance(result, float) else result.get("wall", result.get("both", result.get("with")))
-        print(f"  {name}: {shown:.1f} s", flush=True)
+        shown = result if isinstance(result, float) else result.get("wall", result.get("both", result.get("with", 0)))
+        print(f"  {name}: {shown:.1f} s" if shown else f"  {name}: {result}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="mnist-bench-") as parent:
         scratch = make_scratch(Path(parent))
@@ -382,6 +434,10 @@ def main() -> None:
             if "variants" in chosen:
                 for name in variants_in_order(round_number):
                     record(name, lambda name=name: run_variant(scratch, name, VARIANTS[name]))
+            if "busy" in chosen:
+                record("busy", lambda round_number=round_number: run_busy(scratch, round_number))
+            if "steps" in chosen:
+                record("steps", lambda: run_steps(scratch))
             if "augment" in chosen:
                 record("augment", lambda round_number=round_number: run_augment(scratch, round_number))
             if "best" in chosen:
@@ -445,14 +501,36 @@ def render(results: dict[str, list], runs: int) -> str:
             "| accuracy, portable | accuracy, native |",
             "|---|---:|---:|---:|---:|---:|",
         ]
-        for name in RECIPES:
-            native = f"{name}, native"
+        for name in [*RECIPES, *(name for name in EMULATED if name in results)]:
+            native = name.replace(",", ", native,") if name in EMULATED else f"{name}, native"
             ratios = [p["train"] / n["train"] for p, n in zip(results[name], results[native], strict=True)]
             rows.append(
                 f"| {name} | {spread(column(name, 'train'), 2)} | {spread(column(native, 'train'), 2)} | "
                 f"{spread(ratios, 2)} | {statistics.median(column(name, 'accuracy')):.4f} | "
                 f"{statistics.median(column(native, 'accuracy')):.4f} |"
             )
+        sections.append("\n".join(rows) + "\n")
+    if "busy" in results:
+        rows = [
+            "| beside busy processes, 2 cores (default params, 2 epochs) | images/s against 1 thread alone "
+            "| its fair share of the cores |",
+            "|---|---:|---:|",
+            f"| 1 thread alone | 1 ({statistics.median(column('busy', 'alone')):,.0f} images/s) | 1 |",
+        ]
+        for busy, share in ((1, "1"), (2, "2/3")):
+            for how, label in (("fitted", "threads fitted to the free cores"), ("fixed", "2 threads fixed")):
+                rows.append(f"| beside {busy}, {label} | {spread(column('busy', f'{busy}, {how}'), 2)} | {share} |")
+        sections.append("\n".join(rows) + "\n")
+    if "steps" in results:
+        rows = [
+            "| a training step, ms (torch.profiler's self times) | products | roundings | conversions | optimizer "
+            "| other operations | rest: Python, autograd, dispatch | step, under the profiler | step, without it |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for batch in (64, 256):
+            for arithmetic in ("native", "portable"):
+                parts = [[run[batch][arithmetic][key] for run in results["steps"]] for key in STEP_PARTS]
+                rows.append(f"| batch {batch}, {arithmetic} | " + " | ".join(spread(part, 2) for part in parts) + " |")
         sections.append("\n".join(rows) + "\n")
     if "augment" in results:
         sections.append(
