@@ -13,7 +13,7 @@ ratios are taken within a round, between neighbours.
             on a CPU with AVX2 alone (MKL and oneDNN held to AVX2); bf16 where the CPU has it; 1 thread;
             2 processes
   busy      a training (default params, 2 epochs) beside 1 and beside 2 busy processes, fitting its
-            threads to the free cores, and with 2 threads fixed; against one with 1 thread alone
+            threads to the free cores, and with 1 and with 2 threads fixed; against 1 thread alone
   steps     where a training step's time goes at batch 64 and 256, in both arithmetics
             (benchmarks/step_profile.py: products, roundings, conversions, optimizer, the rest)
   augment   the share of an epoch that augmentation takes: the best recipe for 3 epochs, and the same
@@ -342,10 +342,10 @@ STEP_PARTS = ["products", "roundings", "conversions", "optimizer", "other operat
 
 def run_busy(scratch: Scratch, round_number: int) -> dict:
     """Images a second of a training (default params, 2 epochs) with 1 thread alone, and beside 1 and
-    2 busy processes: with its threads fitted to the free cores (the default), and with 2 fixed."""
+    2 busy processes: with its threads fitted to the free cores (the default), and with 1 and 2 fixed."""
     cases = [(0, {"train.num_threads": 1})]
     for busy in (1, 2):
-        cases += [(busy, {}), (busy, {"train.num_threads": 2})]
+        cases += [(busy, {}), (busy, {"train.num_threads": 1}), (busy, {"train.num_threads": 2})]
     speeds = {}
     for busy, changes in cases if round_number % 2 else cases[::-1]:
         processes = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(busy)]
@@ -355,8 +355,8 @@ def run_busy(scratch: Scratch, round_number: int) -> dict:
             for process in processes:
                 process.kill()
                 process.wait()
-        speeds[busy, "fixed" if changes else "fitted"] = result["images"] / result["train"]
-    alone = speeds[0, "fixed"]
+        speeds[busy, changes.get("train.num_threads", "fitted")] = result["images"] / result["train"]
+    alone = speeds[0, 1]
     return {f"{busy}, {how}": speed / alone for (busy, how), speed in speeds.items()} | {"alone": alone}
 
 
@@ -515,10 +515,10 @@ def render(results: dict[str, list], runs: int) -> str:
             "| beside busy processes, 2 cores (default params, 2 epochs) | images/s against 1 thread alone "
             "| its fair share of the cores |",
             "|---|---:|---:|",
-            f"| 1 thread alone | 1 ({statistics.median(column('busy', 'alone')):,.0f} images/s) | 1 |",
+            f"| 1 thread, alone | 1 ({statistics.median(column('busy', 'alone')):,.0f} images/s) | 1 |",
         ]
         for busy, share in ((1, "1"), (2, "2/3")):
-            for how, label in (("fitted", "threads fitted to the free cores"), ("fixed", "2 threads fixed")):
+            for how, label in (("fitted", "threads fitted to the free cores"), (1, "1 thread"), (2, "2 threads")):
                 rows.append(f"| beside {busy}, {label} | {spread(column('busy', f'{busy}, {how}'), 2)} | {share} |")
         sections.append("\n".join(rows) + "\n")
     if "steps" in results:
