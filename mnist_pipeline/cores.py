@@ -51,14 +51,14 @@ class FreeCores:
         """Free cores, on average since the last count (the first time, what other processes run at this
         moment); None without Linux's counters, or if under MIN_INTERVAL seconds have passed since the
         last count (the interval then runs on to the next call)."""
-        now = _cpu_seconds()
-        if now is None or self.previous is None:
+        if self.previous is None:
             return None
         if not self.counted:
             self.counted = True
             return max(0.0, self.cores - _others_running())
-        if now[2] - self.previous[2] < MIN_INTERVAL:
+        if time.monotonic() - self.previous[2] < MIN_INTERVAL:
             return None
+        now = _cpu_seconds()
         busy, own, wall = (late - early for late, early in zip(now, self.previous, strict=True))
         self.previous = now
         return min(self.cores, max(0.0, self.cores - (busy - own) / wall))

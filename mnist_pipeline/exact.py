@@ -51,6 +51,8 @@ SMALLEST_EXPONENT = -40
 def on_grid(t: torch.Tensor) -> tuple[torch.Tensor, float]:
     """(rounded, unit): float32 `t` rounded as a whole to multiples of a power of two `unit`, below
     2**GRID_BITS units in magnitude (all NaN if `t` holds a NaN or an infinity)."""
+    if not t.numel():  # a process's share of a batch may be empty
+        return t, 1.0
     low, high = (bound.item() for bound in torch.aminmax(t))
     if not (math.isfinite(low) and math.isfinite(high)):
         return torch.full_like(t, math.nan), math.nan
@@ -74,24 +76,30 @@ def library_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def grid_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for matrices on grids (on_grids, on_grid): each chunk of up to EXACT_TERMS terms exact, by the
-    library; the chunks of a longer sum added in order."""
+    """a @ b for matrices on grids (on_grid): each chunk of up to EXACT_TERMS terms exact, by the library;
+    the chunks of a longer sum added in order."""
     terms = a.shape[-1]
-    least = -(-terms // EXACT_TERMS)
-    if least == 1:
+    size, batched = chunk_plan(terms)
+    if size == terms:
         return library_product(a, b)
-    # Equal chunks, if some count up to twice the least divides the terms, go in one batched product.
-    chunks = next((count for count in range(least, 2 * least + 1) if terms % count == 0), None)
-    if a.dim() == 2 and chunks:
-        size = terms // chunks
+    if batched and a.dim() == 2:  # [chunks, M, size] @ [chunks, size, N]
+        chunks = terms // size
         parts = library_product(a.reshape(len(a), chunks, size).transpose(0, 1), b.reshape(chunks, size, -1))
     else:
-        size = -(-terms // least)
         parts = [library_product(a[..., i : i + size], b[..., i : i + size, :]) for i in range(0, terms, size)]
     total = parts[0]
     for part in parts[1:]:
         total += part
     return total
+
+
+@functools.cache
+def chunk_plan(terms: int) -> tuple[int, bool]:
+    """(size, equal): the chunks a sum of `terms` terms is cut into, of at most EXACT_TERMS terms each, and
+    whether they are equal, and so fit one batched product (when a count up to twice the least divides it)."""
+    least = max(1, -(-terms // EXACT_TERMS))  # a sum of no terms too: one (empty) chunk
+    equal = next((count for count in range(least, 2 * least + 1) if terms % count == 0), None)
+    return (terms // equal, True) if equal else (-(-terms // least), False)
 
 
 def grid_column_sums(t: torch.Tensor) -> torch.Tensor:
@@ -132,6 +140,8 @@ class ExactLinear(torch.autograd.Function):
 
 def exact_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with F.linear's signature, computed by ExactLinear (inputs of any leading shape)."""
+    if input.dim() == 2:
+        return ExactLinear.apply(input, weight, bias)
     y = ExactLinear.apply(input.reshape(-1, input.shape[-1]), weight, bias)
     return y.view(*input.shape[:-1], y.shape[-1])
 

@@ -30,6 +30,7 @@ from mnist_pipeline.exact import ExactLinear  # noqa: E402
 from mnist_pipeline.metrics import evaluate  # noqa: E402
 from mnist_pipeline.model import MLP  # noqa: E402
 from mnist_pipeline.params import AugmentParams, TrainParams  # noqa: E402
+from mnist_pipeline.stage import counted  # noqa: E402
 from mnist_pipeline.training import configure_device, train  # noqa: E402
 
 EVERY_DEFORMATION = AugmentParams(
@@ -95,6 +96,7 @@ def trained(params: TrainParams) -> str:
 
 def main() -> None:
     configure_device(SGD, torch.device("cpu"))  # threads and memory as the train stage sets them
+    threads = counted(torch.get_num_threads(), "thread")  # the trainings may run fewer (see cores.FreeCores)
     values = torch.rand(20000, generator=torch.Generator().manual_seed(0)) * 6 - 3
     generator = torch.Generator().manual_seed(3)
     shapes = [(64, 784), (520, 784), (520,), (64, 520)]
@@ -120,7 +122,7 @@ def main() -> None:
     for name, value in lines.items():
         print(f"{name:<{width}}  {value}")
     kernels = torch.backends.cpu.get_cpu_capability()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels {kernels}")
+    print(f"torch {torch.__version__}, {threads}, kernels {kernels}")
     print(describe_cpu())
 
 

@@ -91,6 +91,14 @@ def test_an_all_zero_row_gives_the_bias_and_a_non_finite_value_gives_nan():
     assert ExactLinear.apply(torch.ones(2, 4), weight, bias).isnan().all()
 
 
+def test_an_empty_batch_has_empty_products_and_zero_gradients():
+    """A process of a distributed training may get no image of the last batch."""
+    x, weight, bias = torch.zeros(0, 4), torch.randn(3, 4), torch.randn(3)
+    y, grad_x, grad_weight, grad_bias = linear_with_grads(ExactLinear.apply, x, weight, bias, torch.zeros(0, 3))
+    assert y.shape == (0, 3) and grad_x.shape == (0, 4)
+    assert not grad_weight.any() and not grad_bias.any()
+
+
 def test_a_grid_rounds_to_nearest_below_the_largest_magnitude():
     t = torch.tensor([[3.0, -1.0, 2.0**-30, 1e-20], [0.0, 0.1, -0.2, 0.005]])
     rounded, unit = on_grid(t)
