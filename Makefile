@@ -50,8 +50,9 @@ bench: setup
 fingerprint: setup
 	$(RUN) python -m mnist_pipeline.fingerprint
 
+# Two workers: most tests wait on the commands they run (interpreters starting, DVC), not on a core.
 test: setup lint
-	$(RUN) pytest
+	$(RUN) pytest --numprocesses 2 --dist loadfile
 
 lint: setup
 	$(RUN) ruff format --check .

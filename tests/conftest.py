@@ -33,6 +33,19 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 
 PROJECT = Path(__file__).resolve().parent.parent
 
+# `make test` runs the modules on two workers (pytest-xdist, a module to a worker, so that each
+# module's fixtures run once), which take them in the order collected: the slowest first, so that
+# the two finish together instead of one waiting for the other's last long module.
+SLOWEST_MODULES = ("test_experiments", "test_real_mnist", "test_distributed", "test_portable", "test_pipeline")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.stem
+        return SLOWEST_MODULES.index(name) if name in SLOWEST_MODULES else len(SLOWEST_MODULES)
+
+    items.sort(key=rank)
+
 
 @pytest.fixture(autouse=True)
 def torch_products_between_tests() -> Iterator[None]:

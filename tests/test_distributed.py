@@ -78,12 +78,14 @@ def one_and_two_processes(downloaded):
 @TWO_CORES
 def test_two_processes_train_as_one_does_and_rank_0_alone_writes(one_and_two_processes):
     (one, one_metrics, _, _), (two, two_metrics, steps, result) = one_and_two_processes
-    # The same batches, the same optimisation: only the order of float additions differs.
     assert (one["train_params"]["nproc"], two["train_params"]["nproc"]) == (1, 2)
     assert one["train_params"]["augment"] == two["train_params"]["augment"]
     assert one["train_params"]["augment"]["elastic_alpha"] == 8  # the copy's augmentation, recorded
-    for name, weights in one["state_dict"].items():
-        torch.testing.assert_close(two["state_dict"][name], weights, rtol=0, atol=1e-4)
+    # The same batches, the same optimisation, but not the same roundings: each rank puts the gradient of
+    # its share of a batch on a grid of its own (exact.py), so the weights differ, by 0.1% of their norm.
+    weights = torch.cat([tensor.flatten() for tensor in one["state_dict"].values()])
+    difference = torch.cat([tensor.flatten() for tensor in two["state_dict"].values()]) - weights
+    assert torch.linalg.vector_norm(difference) < 0.01 * torch.linalg.vector_norm(weights)
     assert two_metrics["test"]["accuracy"] == pytest.approx(one_metrics["test"]["accuracy"], abs=0.01)
     assert two_metrics["train"]["loss"] == pytest.approx(one_metrics["train"]["loss"], rel=1e-3)
     assert two_metrics["test"]["accuracy"] > 0.9

@@ -108,26 +108,6 @@ def test_second_repro_runs_nothing(built):
     assert (project / "dvc.lock").read_bytes() == lock
 
 
-def test_forced_repro_reproduces_every_output_byte_for_byte(built):
-    project, _, url = built
-    lock = (project / "dvc.lock").read_bytes()
-    files = [*(project / "metrics").rglob("*.*"), *(project / "models").glob("*.*")]
-    outputs = {p: p.read_bytes() for p in files}
-    assert {p.name for p in outputs} >= {
-        "eval.json",
-        "metrics.json",
-        "loss.tsv",
-        "mistakes.png",
-        "augmented.gif",
-        "model.pt2",
-    }
-    result = run(project, "dvc", "repro", "-f", mirror=url)
-    assert result.stdout.count("Running stage") == 4
-    assert (project / "dvc.lock").read_bytes() == lock
-    for path, content in outputs.items():
-        assert path.read_bytes() == content, path
-
-
 def test_plots_are_defined_for_dvc(built):
     project, _, _ = built
     result = run(project, "dvc", "plots", "show", "--json")
