@@ -256,6 +256,8 @@ def train(
             report(row)
             reporting += time.perf_counter() - trained
     seconds = time.perf_counter() - started - reporting
+    if free_cores:  # the caller's count again, for what it runs next
+        torch.set_num_threads(most_threads)
     if lead:
         processes = f" on {world} processes" if world > 1 else ""
         print(

@@ -109,6 +109,7 @@ def test_threads_follow_the_free_cores_at_every_readout_and_change_no_bit(monkey
         monkeypatch.setattr(training, "FreeCores", BusyMachine)
         torch.set_num_threads(3)
         adapted, _ = fit(params, (520, 320, 240, 120))
+        assert torch.get_num_threads() == 3  # the count it started with, for what the process runs next
     finally:
         torch.set_num_threads(threads)
     assert threads_used == [3, 1, 2, 1]  # before the first test pass, then at the end of each epoch
