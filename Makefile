@@ -3,7 +3,7 @@
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: setup repro test lint format fast medium best sweep bench report figures fingerprint
+.PHONY: setup repro test lint format fast medium best sweep bench report pr-report figures fingerprint
 
 # Bytecode is compiled once here: every stage starts a fresh interpreter, and containers often
 # set PYTHONDONTWRITEBYTECODE, so without it each one compiles torch's and DVC's sources again.
@@ -34,9 +34,15 @@ sweep: setup
 	$(RUN) dvc exp run --run-all --jobs 2
 	$(RUN) dvc exp show --only-changed
 
-# Every plot (the workspace against HEAD) as a PNG, with the experiments and metrics as markdown.
+# Every plot (the workspace against HEAD) as an image, with the params, metrics and experiments as markdown.
 report: setup
 	$(RUN) python -m mnist_pipeline.report report report
+
+# What a pull request's workflow posts (.github/workflows/pr-report.yml): the pipeline reproduced
+# at this branch's params, then report/ against BASE (`make pr-report BASE=origin/main`).
+BASE ?= main
+pr-report: repro
+	$(RUN) python -m mnist_pipeline.report report report --base $(BASE)
 
 # The README's pictures (docs/figures/): the committed baseline's curves, and what the best
 # recipe's augmentation does to the digits in data/mnist.
@@ -57,6 +63,7 @@ test: setup lint
 lint: setup
 	$(RUN) ruff format --check .
 	$(RUN) ruff check .
+	$(RUN) actionlint
 
 format: setup
 	$(RUN) ruff format .

@@ -1,7 +1,7 @@
 """Plots that open anywhere: DVC's plot pages with vega bundled in, and `make report`'s images.
 
     python -m mnist_pipeline.report template .dvc/tmp/offline-plots.html   (make setup)
-    python -m mnist_pipeline.report report report/                          (make report)
+    python -m mnist_pipeline.report report report/ [--base main]            (make report, make pr-report)
     python -m mnist_pipeline.report figures docs/figures/                   (make figures)
 
 `dvc plots show` and `dvc plots diff` write a page that loads vega, vega-lite and vega-embed
@@ -79,44 +79,58 @@ def file_name(plot_id: str, suffix: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", plot_id.removeprefix("metrics/")).strip("-").lower() + suffix
 
 
-def write_report(folder: Path) -> list[Path]:
-    """Every plot of `dvc plots diff` (the workspace against HEAD) as a PNG, and README.md beside them.
+def write_report(folder: Path, base: str = "HEAD") -> list[Path]:
+    """Every plot of `dvc plots diff` (the workspace against `base`) as an image, and README.md beside them.
 
-    README.md holds `dvc exp show --only-changed --md`, `dvc metrics diff --md` and the images.
-    Returns the images written.
+    README.md holds the params and metrics that differ from `base` (`dvc params diff`, `dvc metrics
+    diff`), `dvc exp show --only-changed`, and the images: each curve with both revisions in one
+    chart, each picture once per revision, side by side. Returns the images written.
     """
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    plots = dvc_json("plots", "diff")["data"]
-    images = []
-    for plot_id, renderers in plots.items():
+    charts, pictures = [], {}
+    for plot_id, renderers in dvc_json("plots", "diff", base)["data"].items():
         for renderer in renderers:
             if renderer["type"] == "vega":
                 path = folder / file_name(plot_id, ".png")
                 path.write_bytes(vl_convert.vegalite_to_png(renderer["content"], vl_version=VEGA_LITE_VERSION, scale=2))
-                images.append(path)
+                charts.append(path)
             else:  # an image plot: a renderer, and a picture, per revision
                 [revision] = renderer["revisions"]
                 path = folder / file_name(f"{plot_id} {revision}", Path(renderer["url"]).suffix)
                 shutil.copyfile(renderer["url"], path)
-                images.append(path)
+                pictures.setdefault(plot_id, {})[revision] = path
     summary = [
-        "# Experiment report",
+        f"# Experiment report: the workspace against {base}",
+        "",
+        f"## Params that differ from {base} (`dvc params diff`)",
+        "",
+        dvc("params", "diff", base, "--md").strip() or "No param changed.",
+        "",
+        f"## Metrics against {base} (`dvc metrics diff`)",
+        "",
+        dvc("metrics", "diff", base, "--md").strip() or "No metric changed.",
         "",
         "## Experiments (`dvc exp show --only-changed`)",
         "",
         dvc("exp", "show", "--only-changed", "--md").strip(),
         "",
-        "## Metrics against HEAD (`dvc metrics diff`)",
+        f"## Plots (`dvc plots diff`: the workspace against {base})",
         "",
-        dvc("metrics", "diff", "--md").strip() or "No metric changed.",
-        "",
-        "## Plots (`dvc plots diff`: the workspace against HEAD)",
-        "",
-        *(f"![{path.stem}]({path.name})\n" for path in images),
+        *(f"![{path.stem}]({path.name})\n" for path in charts),
     ]
+    for plot_id, by_revision in pictures.items():
+        revisions = sorted(by_revision, key=lambda revision: revision == "workspace")  # the workspace last
+        summary += [
+            f"### {plot_id}",
+            "",
+            "| " + " | ".join(revisions) + " |",
+            "|" + "---|" * len(revisions),
+            "| " + " | ".join(f"![{plot_id} {r}]({by_revision[r].name})" for r in revisions) + " |",
+            "",
+        ]
     (folder / "README.md").write_text("\n".join(summary) + "\n")
-    return images
+    return charts + [path for by_revision in pictures.values() for path in by_revision.values()]
 
 
 # The README's pictures: DVCLive's curves of the committed baseline, by metric, with their file names and
@@ -179,7 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("template", help="write the offline template for dvc plots").add_argument("path", type=Path)
-    commands.add_parser("report", help="write every plot as a PNG, plus README.md").add_argument("folder", type=Path)
+    report = commands.add_parser("report", help="write every plot as an image, plus README.md")
+    report.add_argument("folder", type=Path)
+    report.add_argument("--base", default="HEAD", help="the revision to compare the workspace with (default HEAD)")
     commands.add_parser("figures", help="draw the README's plots of the committed baseline").add_argument(
         "folder", type=Path
     )
@@ -194,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: {error}") from None
         print(*written, sep="\n")
     else:
-        images = write_report(args.folder)
+        images = write_report(args.folder, args.base)
         print(f"{args.folder / 'README.md'}: {len(images)} plots as images")
 
 

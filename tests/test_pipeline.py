@@ -276,7 +276,7 @@ def test_download_stage_falls_back_and_reports_every_mirror(tmp_path, synthetic_
 
 
 def test_experiment_with_one_epoch_shows_in_metrics_diff(built):
-    # Last in this module: the experiment's results are applied to the copy's workspace.
+    # Last in this module but one: the experiment's results are applied to the copy's workspace.
     project, _, url = built
     run(project, "git", "add", "-A")
     run(project, "git", "commit", "-qm", "baseline")
@@ -296,3 +296,29 @@ def test_experiment_with_one_epoch_shows_in_metrics_diff(built):
     assert sorted(picture["revisions"][0] for picture in pictures) == ["HEAD", "workspace"]
     shown = json.loads(run(project, "dvc", "exp", "show", "--json").stdout)
     assert shown  # the experiment is listed
+
+
+def test_the_pull_request_report_shows_a_branchs_changes_against_its_base(built):
+    """What `make pr-report BASE=<base>` writes, on a branch whose params (one epoch, digits turned
+    30 degrees) and results are the previous test's experiment."""
+    project, _, _ = built
+    base = run(project, "git", "rev-parse", "--abbrev-ref", "HEAD").stdout.strip()
+    run(project, "git", "checkout", "-qb", "one-epoch")
+    run(project, "git", "commit", "-qam", "One epoch, digits turned")
+    run(project, "python", "-m", "mnist_pipeline.report", "report", "report", "--base", base)  # after `dvc repro`
+    summary = (project / "report" / "README.md").read_text()
+    params = summary.split("## Params")[1].split("## Metrics")[0]
+    assert re.search(r"\| params\.yaml\s*\| train\.epochs\s*\| 3\s*\| 1\s*\|", params)
+    assert re.search(r"\| params\.yaml\s*\| augment\.rotation\s*\| 0(\.0)?\s*\| 30\s*\|", params)
+    assert "train.lr" not in params  # only what changed
+    metrics = summary.split("## Metrics")[1].split("## Experiments")[0]
+    [loss] = [row for row in metrics.splitlines() if re.match(r"\| metrics/eval\.json\s*\| loss ", row)]
+    old, new, change = (float(cell) for cell in loss.strip("| ").split("|")[2:5])
+    assert new > old and change == pytest.approx(new - old, abs=1e-4)  # one epoch instead of three
+    links = re.findall(r"\]\(([^)]+)\)", summary)
+    assert len(links) == 11  # 5 curves, the per-digit errors and the confusions, and 2 pictures a revision
+    for link in links:
+        with Image.open(project / "report" / link) as picture:
+            assert picture.format in ("PNG", "GIF") and picture.width > 100 and picture.height > 100
+    for picture in ("metrics/mistakes.png", "metrics/augmented.gif"):  # base beside head
+        assert f"### {picture}\n\n| {base} | workspace |" in summary
