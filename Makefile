@@ -56,9 +56,10 @@ bench: setup
 fingerprint: setup
 	$(RUN) python -m mnist_pipeline.fingerprint
 
-# Two workers: most tests wait on the commands they run (interpreters starting, DVC), not on a core.
+# Three workers, on two cores too: most tests wait, on the commands they start (interpreters, DVC) or
+# on the cores that another test's training holds (cores.py), rather than compute.
 test: setup lint
-	$(RUN) pytest --numprocesses 2 --dist loadfile
+	$(RUN) pytest --numprocesses 3 --dist loadfile
 
 lint: setup
 	$(RUN) ruff format --check .

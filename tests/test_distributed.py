@@ -62,22 +62,32 @@ def checkpoint(project: Path) -> dict:
     return torch.load(project / "models" / "checkpoint.pt", weights_only=True)
 
 
+def results_of(
+    project: Path, result: subprocess.CompletedProcess
+) -> tuple[dict, dict, str, subprocess.CompletedProcess]:
+    """The checkpoint, the training metrics and the per-epoch loss table a run left, and the run."""
+    metrics = json.loads((project / "metrics" / "train" / "metrics.json").read_text())
+    steps = (project / "metrics" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
+    return checkpoint(project), metrics, steps, result
+
+
 @pytest.fixture(scope="module")
 def one_and_two_processes(downloaded):
-    """The checkpoint and training metrics of 1 process, and of 2, with the 2-process run's output."""
-    project, _ = downloaded
-    runs = []
-    for nproc in (1, 2):
-        result = train(project, nproc=nproc)
-        metrics = json.loads((project / "metrics" / "train" / "metrics.json").read_text())
-        steps = (project / "metrics" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
-        runs.append((checkpoint(project), metrics, steps, result))
-    return runs
+    """What 1 process (the train stage's command) and 2 left (`dvc exp run -S train.nproc=2`, as a user
+    starts them), and `dvc exp show` and `dvc status` right after the experiment. The copy's params and
+    lock are then the committed ones again, for the tests that follow."""
+    project, mirror = downloaded
+    one = results_of(project, train(project, nproc=1))
+    two = results_of(project, run(project, "dvc", "exp", "run", "-S", "train.nproc=2", mirror=mirror))
+    shown = json.loads(run(project, "dvc", "exp", "show", "--json").stdout)
+    status = run(project, "dvc", "status").stdout
+    run(project, "git", "checkout", "--", "params.yaml", "dvc.lock")
+    return one, two, shown, status
 
 
 @TWO_CORES
 def test_two_processes_train_as_one_does_and_rank_0_alone_writes(one_and_two_processes):
-    (one, one_metrics, _, _), (two, two_metrics, steps, result) = one_and_two_processes
+    (one, one_metrics, _, _), (two, two_metrics, steps, result), _, _ = one_and_two_processes
     assert (one["train_params"]["nproc"], two["train_params"]["nproc"]) == (1, 2)
     assert one["train_params"]["augment"] == two["train_params"]["augment"]
     assert one["train_params"]["augment"]["elastic_alpha"] == 8  # the copy's augmentation, recorded
@@ -221,17 +231,15 @@ def test_two_machines_train_as_two_processes_on_one(downloaded, one_and_two_proc
 
 
 @TWO_CORES
-def test_dvc_exp_run_trains_with_two_processes(downloaded):
-    project, mirror = downloaded
-    run(project, "dvc", "exp", "run", "-S", "train.nproc=2", mirror=mirror)
-    shown = json.loads(run(project, "dvc", "exp", "show", "--json").stdout)
+def test_dvc_exp_run_trains_with_two_processes(one_and_two_processes):
+    _, (two, _, _, _), shown, status = one_and_two_processes
     [experiment] = [exp for commit in shown for exp in commit.get("experiments") or []]
     [revision] = experiment["revs"]
     data = revision["data"]
     assert data["params"]["params.yaml"]["data"]["train"]["nproc"] == 2
     assert data["metrics"]["metrics/eval.json"]["data"]["accuracy"] > 0.9
-    assert checkpoint(project)["train_params"]["nproc"] == 2
-    assert "Data and pipelines are up to date." in run(project, "dvc", "status").stdout
+    assert two["train_params"]["nproc"] == 2
+    assert "Data and pipelines are up to date." in status
 
 
 @pytest.mark.parametrize(
