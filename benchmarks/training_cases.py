@@ -73,7 +73,8 @@ def run_variant(scratch: Scratch, name: str, changes: dict) -> dict:
     )
     evaluate = run(
         *(sys.executable, "-m", "stages.evaluate", "--data", "data/mnist", "--checkpoint", checkpoint),
-        *("--metrics", str(work / "eval.json"), "--per-digit", str(work / "per_digit.csv")),
+        *("--metrics", str(work / "eval.json"), "--logits", str(work / "test_logits.bin")),
+        *("--per-digit", str(work / "per_digit.csv")),
         *("--confusions", str(work / "confusions.csv"), "--mistakes", str(work / "mistakes.png")),
     )
     # The stage prints "training on ..." right before its first step.

@@ -9,7 +9,9 @@ that a compiler could fuse into another), in a fixed order, gives the same bits 
 
 The functions below work in float64 with Taylor series that reach float64's precision, and
 return the input's dtype; they serve augmentation's few values per image (augment.py), where
-their cost is small against the rest of a step.
+their cost is small against the rest of a step, and the shipped model's softmax (shipped.py),
+which TorchScript compiles into models/model.pt: so exp keeps its constants inside, as
+TorchScript reads no module-level numbers.
 """
 
 import math
@@ -18,11 +20,6 @@ import torch
 
 # Terms of the sine and cosine series: for |x| <= pi the first term left out is below 3e-17.
 TRIGONOMETRIC_TERMS = 14
-# exp(x) = exp(x / 2**10) ** (2**10): the series then needs |x| / 2**10 < 0.73, where 20 terms reach
-# float64's precision; squaring ten times multiplies the relative error by about 2**10.
-EXP_HALVINGS = 10
-EXP_TERMS = 20
-EXP_RANGE = (-746.0, 710.0)  # exp is 0 below, and infinite above, in float64
 
 
 def sin_cos(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,10 +45,13 @@ def tan(x: torch.Tensor) -> torch.Tensor:
 
 def exp(x: torch.Tensor) -> torch.Tensor:
     """e ** x, elementwise, in x's dtype."""
-    y = x.double().clamp(*EXP_RANGE) / 2**EXP_HALVINGS
+    # exp(x) = exp(x / 2**10) ** (2**10): the series then needs |x| / 2**10 < 0.73, where 20 terms reach
+    # float64's precision; squaring ten times multiplies the relative error by about 2**10.
+    halvings, terms = 10, 20
+    y = x.double().clamp(-746.0, 710.0) / 2**halvings  # exp is 0 below, and infinite above, in float64
     result = torch.ones_like(y)
-    for k in range(EXP_TERMS, 0, -1):  # 1 + y (1 + y/2 (1 + y/3 (...)))
+    for k in range(terms, 0, -1):  # 1 + y (1 + y/2 (1 + y/3 (...)))
         result = 1 + y * result * (1 / k)
-    for _ in range(EXP_HALVINGS):
+    for _ in range(halvings):
         result = result * result
     return result.to(x.dtype)

@@ -12,23 +12,27 @@ float32 product then returns exact sums of chunks of 256 terms, whatever order i
 any CPU, thread count or GPU; the chunks of a longer sum are added in a fixed order.
 
 Each operand is rounded as a whole: a weight, a gradient, a batch of inputs (which so share a
-grid, as in dynamic quantization: an image's outputs depend a little on its batch, and evaluate's
-batches are fixed). 8 significant bits below the largest magnitude, as bf16 keeps 8, but the
-sums are exact where bf16's are not: every recipe's accuracy stays within the spread of its
-seeds (docs/performance.md). The cost over torch's own products is the rounding, three
-element-wise passes per operand, and Python's dispatch: `make bench` measures it against
-train.arithmetic: native.
+grid, as in dynamic quantization, and keep exact the weights' gradients, which sum over the
+batch). 8 significant bits below the largest magnitude, as bf16 keeps 8, but the sums are exact
+where bf16's are not: every recipe's accuracy stays within the spread of its seeds
+(docs/performance.md). The model that ships rounds each image's inputs to a grid of its own
+instead, so that an image's outputs do not depend on its batch (shipped.py). The cost over
+torch's own products is the rounding, three element-wise passes per operand, and Python's
+dispatch: `make bench` measures it against train.arithmetic: native.
 
 No product escapes: `use_exact_products()` registers, through torch.library, this module's
 kernels for aten::linear (at the autograd level, so that ExactLinear computes both gradients)
 and for every other float32 matrix product (mm, addmm, bmm, ..., on the CPU and CUDA). From
 then on the process computes every one exactly, whichever code reaches it: a training step, a
-test pass, the evaluation, a TorchScript or torch.export program, a product added later.
+product added later, a model of torch's own. (The shipped model's test passes pause them: its
+operands are on their grids already, per image, and its products exact as torch computes them.)
 """
 
 import functools
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.nn import functional as F
@@ -39,7 +43,6 @@ from mnist_pipeline.stage import PipelineError
 GRID_BITS = 8  # steps of an operand's grid: 2**8 below its largest magnitude
 FLOAT32_INTEGER_BITS = 24  # every integer up to 2**24 is exact in float32, and so is a sum that stays there
 EXACT_TERMS = 2 ** (FLOAT32_INTEGER_BITS - 2 * GRID_BITS)  # 256 products of two operands sum exactly
-EXPONENT_BITS = 0x7F800000  # of a float32
 # t + 1.5 * 2**23 * unit, less the same, is t rounded to a multiple of unit (for |t| < 2**22 * unit): the
 # sum lies where float32's spacing is unit, and the subtraction is exact.
 ROUNDING_SHIFT = 1.5 * 2.0**23
@@ -170,6 +173,18 @@ def use_exact_products(enabled: bool = True) -> None:
 def exact_products_used() -> bool:
     """Whether use_exact_products is on."""
     return _exact
+
+
+@contextmanager
+def exact_products_paused() -> Iterator[None]:
+    """torch's own products inside the block, for a model that puts its operands on grids itself
+    (shipped.py): the kernels here would round them again, to grids of whole tensors."""
+    global _exact
+    was, _exact = _exact, False
+    try:
+        yield
+    finally:
+        _exact = was
 
 
 def _computes_exactly(*args) -> bool:

@@ -1,6 +1,6 @@
-"""The deployable model: TorchScript (primary) and torch.export files, byte-identical from run to run."""
+"""The deployable model: TorchScript (primary) and torch.export files, byte-identical from run to run,
+each shipped only once it gives evaluate's logits bit for bit."""
 
-import copy
 import hashlib
 import io
 from collections.abc import Callable
@@ -12,10 +12,9 @@ from torch import nn
 
 from mnist_pipeline.data import IMAGE_SIZE, NUM_CLASSES, scale_pixels
 from mnist_pipeline.model import MNIST_MEAN, MNIST_STD, Checkpoint, hidden_sizes
+from mnist_pipeline.shipped import ShippedMLP, logits_sha256, softmax
 from mnist_pipeline.stage import PipelineError, atomic_output
 from mnist_pipeline.torchscript import load_torchscript, torchscript_deprecation_silenced
-
-PARITY_TOLERANCE = 1e-5
 
 INPUT_CONTRACT = (
     "float32 [N, 1, 28, 28] or [N, 28, 28] with pixels in [0, 1], or uint8 of the same shapes in 0..255; "
@@ -26,7 +25,7 @@ INPUT_CONTRACT = (
 class DigitClassifier(nn.Module):
     """What models/model.pt holds: checked MNIST-style images in, logits or probabilities out."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: ShippedMLP) -> None:
         super().__init__()
         self.model = model
 
@@ -36,8 +35,8 @@ class DigitClassifier(nn.Module):
 
     @torch.jit.export
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Softmax of the logits, [N, 10]."""
-        return torch.softmax(self.forward(images), dim=1)
+        """Softmax of the logits, [N, 10] (the same bits everywhere too: shipped.softmax)."""
+        return softmax(self.forward(images))
 
     @torch.jit.export
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
@@ -55,12 +54,7 @@ class DigitClassifier(nn.Module):
         return images
 
 
-def inference_copy(model: nn.Module) -> nn.Module:
-    """The model without gradients, so that users' outputs carry no autograd graph."""
-    return copy.deepcopy(model).requires_grad_(False).eval()
-
-
-def torchscript_bytes(model: nn.Module) -> bytes:
+def torchscript_bytes(model: ShippedMLP) -> bytes:
     """The scripted DigitClassifier as a .pt archive whose bytes depend only on the model.
 
     Saving to a buffer names the archive's inner folder "archive" whatever the file is called.
@@ -71,7 +65,7 @@ def torchscript_bytes(model: nn.Module) -> bytes:
     """
     saved = io.BytesIO()
     with torchscript_deprecation_silenced():
-        torch.jit.save(torch.jit.script(DigitClassifier(inference_copy(model))), saved)
+        torch.jit.save(torch.jit.script(DigitClassifier(model).eval()), saved)
     reader = torch._C.PyTorchFileReader(io.BytesIO(saved.getvalue()))
     out = io.BytesIO()
     writer = torch._C.PyTorchFileWriter(out)
@@ -84,16 +78,14 @@ def torchscript_bytes(model: nn.Module) -> bytes:
     return out.getvalue()
 
 
-def exported_program_bytes(model: nn.Module) -> bytes:
+def exported_program_bytes(model: ShippedMLP) -> bytes:
     """The model through torch.export, batch dimension dynamic, as a .pt2 archive.
 
     Input float32 [N, 1, 28, 28] in [0, 1], output logits. The example input is fixed and
     the nodes' stack traces (absolute source paths) are dropped, so the bytes are stable.
     """
     example = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
-    program = torch.export.export(
-        inference_copy(model), (example,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}}
-    )
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
     for node in program.graph.nodes:
         node.meta.pop("stack_trace", None)
     saved = io.BytesIO()
@@ -101,39 +93,46 @@ def exported_program_bytes(model: nn.Module) -> bytes:
     return saved.getvalue()
 
 
+def rows_differing(logits: torch.Tensor, expected: torch.Tensor) -> int:
+    """How many rows of `logits` differ from `expected` in any bit (all of them if the shapes differ)."""
+    if logits.shape != expected.shape or logits.dtype != expected.dtype:
+        return len(expected)
+    return int((logits.view(torch.int32) != expected.view(torch.int32)).any(1).sum())
+
+
 def write_verified(
     content: bytes, path: Path, load: Callable[[Path], Callable], images: torch.Tensor, expected: torch.Tensor
-) -> float:
-    """Write `path`, load it back, and return the max abs difference of its logits on `images` from `expected`.
-
-    The file is removed again unless the difference is within PARITY_TOLERANCE (NaN is not).
-    """
+) -> None:
+    """Write `path`, load it back, and keep it only if its logits on `images` are `expected`, bit for bit."""
     with atomic_output(path) as file:
         file.write(content)
     with torch.no_grad():
-        difference = (load(path)(images) - expected).abs().max().item()
-    if not difference <= PARITY_TOLERANCE:
+        logits = load(path)(images)
+    differing = rows_differing(logits, expected)
+    if differing:
         path.unlink()
         raise PipelineError(
-            f"{path}: exported model differs from the trained one by {difference:.2e} (tolerance {PARITY_TOLERANCE:g})"
+            f"{path}: its logits differ from evaluate's on {differing} of {len(expected)} test images; nothing exported"
         )
-    return difference
 
 
-def export_torchscript(model: nn.Module, path: Path, images: torch.Tensor, expected: torch.Tensor) -> float:
-    """models/model.pt, checked against the trained model's logits `expected` on `images`; the max abs difference."""
-    return write_verified(torchscript_bytes(model), path, load_torchscript, images, expected)
+def export_torchscript(model: ShippedMLP, path: Path, images: torch.Tensor, expected: torch.Tensor) -> None:
+    """models/model.pt, kept if its logits on uint8 `images` [N, 28, 28] are `expected` (evaluate's), bit for bit."""
+    write_verified(torchscript_bytes(model), path, load_torchscript, images, expected)
 
 
-def export_program(model: nn.Module, path: Path, images: torch.Tensor, expected: torch.Tensor) -> float:
-    """models/model.pt2, checked against the trained model's logits `expected` on `images`; the max abs difference."""
-    return write_verified(
-        exported_program_bytes(model), path, lambda p: torch.export.load(p).module(), images, expected
-    )
+def export_program(model: ShippedMLP, path: Path, images: torch.Tensor, expected: torch.Tensor) -> None:
+    """models/model.pt2, kept if its logits on uint8 `images` [N, 28, 28] are `expected`, bit for bit (it
+    takes them as float32 [N, 1, 28, 28] in [0, 1])."""
+    pixels = scale_pixels(images).unsqueeze(1)
+    write_verified(exported_program_bytes(model), path, lambda p: torch.export.load(p).module(), pixels, expected)
 
 
-def model_card(checkpoint: Checkpoint, metrics: dict[str, float], artifacts: dict[str, Path]) -> dict[str, Any]:
-    """Everything a user of the artifacts needs to know, with the artifacts' sha256."""
+def model_card(
+    checkpoint: Checkpoint, metrics: dict[str, float], artifacts: dict[str, Path], test_logits: torch.Tensor
+) -> dict[str, Any]:
+    """Everything a user of the artifacts needs to know, with the artifacts' sha256 and that of the
+    logits evaluate measured (model.pt's on the test set), which a user's machine can check."""
     return {
         "name": "mnist-mlp",
         "task": "handwritten digit classification (MNIST)",
@@ -146,9 +145,13 @@ def model_card(checkpoint: Checkpoint, metrics: dict[str, float], artifacts: dic
             "torch_export": "float32 [N, 1, 28, 28] with pixels in [0, 1]",
         },
         "output": {
-            "forward": "logits, float32 [N, 10]",
-            "probabilities": "softmax of the logits, float32 [N, 10] (TorchScript method)",
+            "forward": "logits, float32 [N, 10]: an image's are the same bits alone or in any batch, anywhere",
+            "probabilities": "softmax of the logits, float32 [N, 10] (TorchScript method): the same bits anywhere",
         },
+        "arithmetic": (
+            "in the files themselves: each layer's input rounded per image to 8 bits below its largest magnitude, "
+            "the weights stored on their 8-bit grid, every sum exact in float32 (docs/model.md)"
+        ),
         "normalization": {"mean": MNIST_MEAN, "std": MNIST_STD, "applied": "inside the model"},
         "labels": [str(digit) for digit in range(NUM_CLASSES)],
         "architecture": {
@@ -158,5 +161,14 @@ def model_card(checkpoint: Checkpoint, metrics: dict[str, float], artifacts: dic
         },
         "training": {"dataset": "MNIST training set", **checkpoint.train_params},
         "metrics": {"dataset": "MNIST test set", **metrics},
+        "test_logits": {
+            "sha256": logits_sha256(test_logits),
+            "of": (
+                "forward on the MNIST test set as t10k-images-idx3-ubyte holds it (uint8 "
+                f"[{len(test_logits)}, 28, 28], in file order): float32 [{len(test_logits)}, {NUM_CLASSES}], "
+                "row-major, little-endian bytes"
+            ),
+            "check": "uv run mnist-predict --check",
+        },
         "torch_version": torch.__version__,
     }

@@ -19,6 +19,7 @@ class Evaluation:
     accuracy: float  # fraction of samples classified correctly, in [0, 1]
     predictions: np.ndarray  # predicted class of each sample
     losses: np.ndarray  # cross-entropy of each sample
+    logits: torch.Tensor  # float32 [N, 10], on the CPU
 
 
 @torch.no_grad()
@@ -27,13 +28,12 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Ev
 
     uint8 images are scaled batch by batch, so a whole training set never sits in memory as floats.
     """
-    losses, predictions = [], []
+    outputs = []
     for first in range(0, len(images), EVAL_BATCH_SIZE):
         batch = images[first : first + EVAL_BATCH_SIZE]
-        logits = model(scale_pixels(batch) if batch.dtype == torch.uint8 else batch)
-        losses.append(F.cross_entropy(logits.float(), labels[first : first + EVAL_BATCH_SIZE], reduction="none"))
-        predictions.append(logits.argmax(1))
-    loss, predicted = torch.cat(losses), torch.cat(predictions)
+        outputs.append(model(scale_pixels(batch) if batch.dtype == torch.uint8 else batch).float())
+    logits = torch.cat(outputs)
+    loss, predicted = F.cross_entropy(logits, labels, reduction="none"), logits.argmax(1)
     n = len(labels)
     return Evaluation(
         # Summed exactly and rounded once: a float sum's bits would depend on how the threads split it.
@@ -41,6 +41,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Ev
         accuracy=(predicted == labels).sum().item() / n,
         predictions=predicted.cpu().numpy(),
         losses=loss.cpu().numpy(),
+        logits=logits.cpu(),
     )
 
 

@@ -1,6 +1,8 @@
-"""mnist-predict: classify image files with the exported TorchScript model (and nothing else of ours).
+"""mnist-predict: classify image files with the exported TorchScript model (and nothing else of ours),
+or check that this machine computes the logits its model card records.
 
 uv run mnist-predict digit.png photo.jpg [--model models/model.pt] [--json]
+uv run mnist-predict --check [--model models/model.pt] [--card models/model.json] [--data data/mnist]
 
 Any format Pillow reads, in any mode: 16-bit and floating-point greyscale is scaled to 8 bits, not
 clipped, and an animation counts by its first frame. Images over MAX_PIXELS (40 megapixels) are
@@ -24,6 +26,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from mnist_pipeline.data import load_mnist
+from mnist_pipeline.shipped import logits_sha256
+from mnist_pipeline.stage import PipelineError
 from mnist_pipeline.torchscript import load_torchscript
 
 DIGIT_BOX = 20  # MNIST fits each digit into 20x20 pixels...
@@ -180,6 +185,42 @@ def read_digit(path: Path) -> np.ndarray:
             return to_mnist(image)
 
 
+def check(model: torch.jit.ScriptModule, card: Path, data: Path) -> int:
+    """Print the card's test accuracy and logits hash, then this machine's, from the whole test set in one
+    batch and one image at a time; 0 if all agree, else 1 (with one error line)."""
+    try:
+        recorded = json.loads(card.read_text())
+        expected = (recorded["metrics"]["accuracy"], recorded["test_logits"]["sha256"])
+    except OSError as error:
+        print(f"error: {card}: cannot read the model card ({error.strerror})", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError, TypeError):
+        print(f"error: {card}: not a model card with metrics.accuracy and test_logits.sha256", file=sys.stderr)
+        return 1
+    try:
+        images, labels = (torch.from_numpy(array) for array in load_mnist(data, "test"))
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    with torch.no_grad():
+        computed = {
+            f"batch {len(images)}": model(images),
+            "batch 1": torch.cat([model(images[i : i + 1]) for i in range(len(images))]),
+        }
+    rows = {str(card): expected} | {
+        name: ((logits.argmax(1) == labels).sum().item() / len(labels), logits_sha256(logits))
+        for name, logits in computed.items()
+    }
+    width = max(map(len, rows))
+    for name, (accuracy, sha256) in rows.items():
+        print(f"{name:<{width}}  accuracy {accuracy}  logits sha256 {sha256}")
+    if any(row != expected for row in rows.values()):
+        print(f"error: this machine computes other logits than {card} records", file=sys.stderr)
+        return 1
+    print(f"this machine computes the logits {card} records, in any batch")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mnist-predict",
@@ -191,14 +232,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "images",
-        nargs="+",
+        nargs="*",
         type=Path,
         metavar="IMAGE",
         help=f"PNG, JPEG, TIFF, PGM, ... up to {megapixels(MAX_PIXELS)}",
     )
     parser.add_argument("--model", type=Path, default=Path("models/model.pt"), help="TorchScript model file")
     parser.add_argument("--json", action="store_true", help='print [{"file", "digit", "probability"}, ...]')
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="score the MNIST test set in one batch and one image at a time, and compare the accuracy and the "
+        "sha256 of the logits with the model card's; the exit status is 1 if they differ",
+    )
+    parser.add_argument("--card", type=Path, help="model card for --check (default: the model's, MODEL with .json)")
+    parser.add_argument(
+        "--data", type=Path, default=Path("data/mnist"), help="folder of the MNIST test IDX files, for --check"
+    )
     args = parser.parse_args(argv)
+    if bool(args.images) == args.check:
+        parser.error("give IMAGE files to classify, or --check alone")
 
     if not args.model.is_file():
         print(f"error: {args.model}: model file not found (run `dvc repro`, or pass --model)", file=sys.stderr)
@@ -209,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.model}: not a TorchScript model ({str(error).splitlines()[0]})", file=sys.stderr)
         return 1
 
+    if args.check:
+        return check(model, args.card or args.model.with_suffix(".json"), args.data)
     digits, files, failed = [], [], False
     for path in args.images:
         try:

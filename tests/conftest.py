@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import json
 import os
 import shlex
 import shutil
@@ -268,6 +269,62 @@ def training(project: Path, **params: object) -> Iterator[subprocess.Popen]:
             yield process
     finally:
         run(project, "git", "checkout", "--", "params.yaml")
+
+
+def export_files(model, directory: Path, images):
+    """models/model.pt and model.pt2 of the MLP `model` in `directory`, written and checked as the export
+    stage does, on uint8 `images` [N, 28, 28]; returns the logits they were checked to give: evaluate's,
+    the shipped model's (torch is imported here, after pin_kernels())."""
+    import torch
+
+    from mnist_pipeline.data import scale_pixels
+    from mnist_pipeline.export import export_program, export_torchscript
+    from mnist_pipeline.shipped import ShippedMLP
+
+    shipped = ShippedMLP(model)
+    with torch.no_grad():
+        logits = shipped(scale_pixels(images))
+    export_torchscript(shipped, directory / "model.pt", images, logits)
+    export_program(shipped, directory / "model.pt2", images, logits)
+    return logits
+
+
+# What tells machines apart, one thing at a time, for a user of the exported files: ATen's kernels (each
+# CPU runs the widest it has), MKL's code path (COMPATIBLE is the one it takes on AMD CPUs), the
+# instruction set oneDNN may use, and the thread count. Each: (environment, torch.set_num_threads count;
+# 0 leaves torch's own). The AVX-512 kernels need a CPU that has AVX-512.
+ELSEWHERE = {
+    "as installed": ({}, 0),
+    "ATen's scalar kernels": ({"ATEN_CPU_CAPABILITY": "default"}, 0),
+    "ATen's AVX2 kernels": ({"ATEN_CPU_CAPABILITY": "avx2"}, 0),
+    "ATen's AVX-512 kernels": ({"ATEN_CPU_CAPABILITY": "avx512"}, 0),
+    "MKL's path for AMD CPUs": ({"MKL_CBWR": "COMPATIBLE"}, 0),
+    "oneDNN held to AVX2": ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, 0),
+    "1 thread": ({"OMP_NUM_THREADS": "1"}, 1),
+    "3 threads": ({"OMP_NUM_THREADS": "3"}, 3),  # which torch caps at the cores: hence torch.set_num_threads too
+}
+CONSUMER = PROJECT / "tests" / "consumer.py"
+
+
+def consume(
+    setting: str, images: Path, labels: Path, models: list[Path], batches: str = "0,1000,7,1"
+) -> dict[str, dict]:
+    """tests/consumer.py's JSON for `models` on an IDX pair, run with the ELSEWHERE `setting` in an
+    isolated Python started from /, which cannot import the project (checked)."""
+    import torch
+
+    variables, threads = ELSEWHERE[setting]
+    capabilities = torch.cpu.get_capabilities()
+    if "avx512" in variables.values() and not all(capabilities.get(f"avx512_{x}") for x in ("f", "bw", "vl", "dq")):
+        pytest.skip("ATen's AVX-512 kernels need a CPU with AVX-512 F, BW, VL and DQ")
+    command = [sys.executable, "-I", "-W", "ignore::FutureWarning", str(CONSUMER), str(threads), batches]
+    result = run(Path("/"), *command, str(images), str(labels), *map(str, models), **variables)
+    output = json.loads(result.stdout)
+    assert output["imported"] == [], "the consumer imported the project's code"
+    assert threads in (0, output["threads"])
+    if "ATEN_CPU_CAPABILITY" in variables:
+        assert output["kernels"] == variables["ATEN_CPU_CAPABILITY"].upper()
+    return output["models"]
 
 
 def stage_command(project: Path, stage: str) -> list[str]:

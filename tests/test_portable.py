@@ -20,6 +20,7 @@ from conftest import (
     PROJECT,
     TRAIN_PARAMS,
     copy_project,
+    export_files,
     run,
     set_params,
     stage_command,
@@ -33,10 +34,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mnist_pipeline.data import to_tensors
 from mnist_pipeline.exact import exact_products_used, use_exact_products
-from mnist_pipeline.export import export_program, export_torchscript
 from mnist_pipeline.metrics import evaluate
 from mnist_pipeline.model import MLP
 from mnist_pipeline.params import AugmentParams
+from mnist_pipeline.shipped import ShippedMLP, evaluate_shipped
 from mnist_pipeline.torchscript import load_torchscript
 from mnist_pipeline.training import train
 
@@ -48,13 +49,13 @@ EVERY_DEFORMATION = AugmentParams(rotation=15, scale=0.15, shear=10, translation
 # are MKL's vector math, whose results differ between CPUs: mnist_pipeline/elementary.py has ours).
 MACHINE_INDEPENDENT = {
     "moves, views or makes data without arithmetic": (
-        "_local_scalar_dense _unsafe_view arange as_strided cat copy_ detach empty empty_like empty_strided expand "
-        "index_select lift_fresh new_empty nonzero ones_like permute select set_ slice stack transpose unbind "
-        "unsqueeze view zeros zeros_like"
+        "_local_scalar_dense _unsafe_view alias arange as_strided cat clone copy_ detach empty empty_like "
+        "empty_strided expand index_select lift_fresh new_empty nonzero ones_like permute select set_ slice stack "
+        "transpose unbind unsqueeze view zeros zeros_like"
     ),
     "exact, or one correctly rounded IEEE 754 operation per element": (
-        "_to_copy abs add add_ aminmax argmax bitwise_not clamp div div_ eq gt lt masked_fill masked_fill_ max "
-        "min mul mul_ ne neg reciprocal relu round_ rsub sub sub_ threshold_backward"
+        "_to_copy abs add add_ amax aminmax argmax bitwise_not clamp div div_ eq frexp gt lt masked_fill "
+        "masked_fill_ max min mul mul_ ne neg reciprocal relu round_ rsub sub sub_ threshold_backward"
     ),
     "ATen's kernels, pinned to their AVX2 versions on every CPU (numerics.py)": (
         "_foreach_add_ _fused_adamw_ _fused_sgd_ _log_softmax _log_softmax_backward_data grid_sampler_2d "
@@ -68,9 +69,9 @@ KNOWN = {name for names in MACHINE_INDEPENDENT.values() for name in names.split(
 
 class ProductsChecked(TorchDispatchMode):
     """Records every operation's name, and checks every matrix product: a float32 one must reach the
-    exact kernels (use_exact_products on), and one the BLAS library computes must be exact: in
-    float32, equal to the float64 product of the same operands; in float64 (augmentation's
-    smoothing), a product of integers equal to the int64 one."""
+    exact kernels (use_exact_products on), or be exact as the BLAS library computes it (the shipped
+    model's, on its grids): in float32, equal to the float64 product of the same operands; in float64
+    (augmentation's smoothing), a product of integers equal to the int64 one."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -85,9 +86,8 @@ class ProductsChecked(TorchDispatchMode):
         if name in ("mm", "bmm"):
             a, b = args[0], args[1]
             product = f"{func} of {a.dtype} {tuple(a.shape)} and {tuple(b.shape)}"
-            if func._overloadname == "default" and a.dtype == torch.float32:
-                if not exact_products_used():
-                    self.problems.append(f"{product} with exact products off")
+            if func._overloadname == "default" and a.dtype == torch.float32 and exact_products_used():
+                pass  # the exact kernels' (tests/test_exact.py)
             elif a.dtype == torch.float32:
                 if not torch.equal(result.double(), a.double() @ b.double()):
                     self.problems.append(f"{product}: not exact")
@@ -101,7 +101,7 @@ class ProductsChecked(TorchDispatchMode):
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_every_operation_gives_the_same_bits_on_every_cpu(tmp_path, optimizer):
     """A short portable training with every deformation and the per-epoch test passes (epoch 0
-    included), then evaluate's pass and the export's parity checks, as the stages run them."""
+    included), then evaluate's pass and the exported files, as the stages run them."""
     images, labels = to_tensors(*synthetic_split(256, seed=0), torch.device("cpu"))
     test_images, test_labels = to_tensors(*synthetic_split(100, seed=1), torch.device("cpu"))
     params = dataclasses.replace(
@@ -110,40 +110,39 @@ def test_every_operation_gives_the_same_bits_on_every_cpu(tmp_path, optimizer):
     torch.manual_seed(1)
     model = MLP([32, 16])
     checked = ProductsChecked()
+
+    def report(row: dict) -> None:
+        evaluate_shipped(model, test_images, test_labels)
+
     with checked:
-        train(model, images, labels, params, EVERY_DEFORMATION, lambda row: evaluate(model, test_images, test_labels))
-    # The evaluate and export stages turn exact products on first; then the checks run what they run.
-    use_exact_products()
-    pixels = (test_images.float() / 255).view(-1, 1, 28, 28)
-    with torch.no_grad():
-        expected = model(pixels)
-    assert export_torchscript(model, tmp_path / "model.pt", pixels, expected) == 0
-    assert export_program(model, tmp_path / "model.pt2", pixels, expected) == 0  # traced outside the check
+        train(model, images, labels, params, EVERY_DEFORMATION, report)
+    use_exact_products(False)  # the evaluate and export stages do not turn them on
+    pixels = test_images.view(-1, 28, 28)
     with checked:
-        evaluate(model, test_images, test_labels)
-        exported = [
-            load_torchscript(tmp_path / "model.pt")(pixels),
-            torch.export.load(tmp_path / "model.pt2").module()(pixels),
-        ]
+        expected = evaluate(ShippedMLP(model), test_images, test_labels).logits
+    export_files(model, tmp_path, pixels)  # which checks the files' logits against `expected`'s arithmetic
+    with checked:
+        scripted = load_torchscript(tmp_path / "model.pt")
+        program = torch.export.load(tmp_path / "model.pt2").module()
+        exported = [scripted(pixels), program(pixels.unsqueeze(1).float() / 255)]
+        scripted.probabilities(pixels)
     assert all(torch.equal(logits, expected) for logits in exported)
     assert not checked.problems
-    assert checked.seen["mm"] and checked.seen["grid_sampler_2d"]  # it did see products and deformations
+    assert checked.seen["mm"] and checked.seen["grid_sampler_2d"] and checked.seen["frexp"]  # it saw them all
     unknown = sorted(set(checked.seen) - KNOWN)
     assert not unknown, f"operations not known to give the same bits on every CPU: {unknown}"
 
 
 def test_the_products_check_catches_a_product_that_escapes():
-    """The negative control of the test above: torch's own float32 product is caught, and so is a
-    product of non-integers that reaches the library."""
+    """The negative control of the test above: torch's own float32 product of operands off any grid is
+    caught, and so is a product of non-integers that reaches the library in float64."""
     a, b = torch.rand(4, 5), torch.rand(5, 3)
     checked = ProductsChecked()
     with checked:
         a @ b  # exact products off
         torch.mm(a, b, out=torch.empty(4, 3))  # the out= variant, which use_exact_products leaves to torch
         a.double() @ b.double()
-    assert len(checked.problems) == 3
-    assert "exact products off" in checked.problems[0]
-    assert checked.problems[1].endswith("not exact") and checked.problems[2].endswith("not of integers")
+    assert [problem.rsplit(": ", 1)[1] for problem in checked.problems] == ["not exact", "not exact", "not of integers"]
 
 
 # --- The real pipeline, run as a user runs it, with what tells CPUs apart changed ---------------

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import export_files, idx_bytes, synthetic_split
 from PIL import Image, ImageDraw
 
-from mnist_pipeline.export import export_torchscript
-from mnist_pipeline.model import MLP
+from mnist_pipeline.data import MNIST_FILES
+from mnist_pipeline.export import DigitClassifier, model_card
+from mnist_pipeline.model import MLP, Checkpoint
 from mnist_pipeline.predict import main, read_digit, to_mnist
 
 
@@ -59,10 +61,9 @@ def test_a_blank_image_has_no_digit():
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("predict") / "model.pt"
-    model, images = MLP([16]).eval(), torch.rand(2, 1, 28, 28)
-    export_torchscript(model, path, images, model(images))
-    return path
+    directory = tmp_path_factory.mktemp("predict")
+    export_files(MLP([16]).eval(), directory, torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8))
+    return directory / "model.pt"
 
 
 def test_json_output_lists_file_digit_and_probability(model_file, tmp_path, capsys):
@@ -342,3 +343,80 @@ def test_the_real_command_on_a_mixed_batch(model_file, mixed_batch):
     assert len(errors) == len(expected_errors(files)), result.stderr
     assert all(map(re.fullmatch, expected_errors(files), errors)), result.stderr
     assert [entry["file"] for entry in json.loads(result.stdout)] == list(map(str, good))
+
+
+@pytest.fixture(scope="module")
+def card_and_data(tmp_path_factory):
+    """A model's files and its card as the export stage writes them, beside a synthetic test set, the
+    plain float32 TorchScript of the same weights, and the card's logits hash and accuracy."""
+    directory = tmp_path_factory.mktemp("check")
+    images, labels = synthetic_split(300, seed=6)
+    (directory / "data").mkdir()
+    for name, array in zip(MNIST_FILES["test"], (images, labels), strict=True):
+        (directory / "data" / name).write_bytes(idx_bytes(array))
+    torch.manual_seed(2)
+    model = MLP([64, 32]).eval()
+    logits = export_files(model, directory, torch.from_numpy(images))
+    artifacts = {"torchscript": directory / "model.pt", "torch_export": directory / "model.pt2"}
+    accuracy = (logits.argmax(1).numpy() == labels).mean().item()
+    card = model_card(Checkpoint(model, {}), {"loss": 0.5, "accuracy": accuracy}, artifacts, logits)
+    (directory / "model.json").write_text(json.dumps(card))
+    torch.jit.save(torch.jit.script(DigitClassifier(model)), directory / "plain.pt")
+    return directory, card["test_logits"]["sha256"], accuracy
+
+
+def check(directory: Path, *arguments: str) -> list[str]:
+    return ["--check", "--data", str(directory / "data"), *arguments]
+
+
+def test_check_shows_the_cards_logits_and_this_machines_in_one_batch_and_one_at_a_time(card_and_data, capsys):
+    directory, sha256, accuracy = card_and_data
+    assert main([*check(directory), "--model", str(directory / "model.pt")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:3]] == [str(directory / "model.json"), "batch", "batch"]
+    assert lines[1].startswith("batch 300 ") and lines[2].startswith("batch 1 ")
+    assert all(line.endswith(f"accuracy {accuracy}  logits sha256 {sha256}") for line in lines[:3])
+    assert lines[3] == f"this machine computes the logits {directory / 'model.json'} records, in any batch"
+
+
+def test_check_fails_on_a_card_of_other_logits_and_on_a_plain_float32_model(card_and_data, tmp_path, capsys):
+    """The negative controls: a card whose hash is another's, and the same weights computed by torch's
+    own float32 products, which give other logits than the card's."""
+    directory, sha256, _ = card_and_data
+    card = json.loads((directory / "model.json").read_text())
+    card["test_logits"]["sha256"] = sha256[::-1]
+    (tmp_path / "other.json").write_text(json.dumps(card))
+    model = str(directory / "model.pt")
+    assert main([*check(directory), "--model", model, "--card", str(tmp_path / "other.json")]) == 1
+    assert (
+        capsys.readouterr().err == f"error: this machine computes other logits than {tmp_path / 'other.json'} records\n"
+    )
+    plain = ["--model", str(directory / "plain.pt"), "--card", str(directory / "model.json")]
+    assert main([*check(directory), *plain]) == 1
+    output = capsys.readouterr()
+    assert output.err == f"error: this machine computes other logits than {directory / 'model.json'} records\n"
+    assert sha256 not in output.out.splitlines()[1]
+
+
+def test_check_without_a_card_or_the_test_set_is_one_line(card_and_data, tmp_path, capsys):
+    directory, _, _ = card_and_data
+    model = ["--model", str(directory / "model.pt")]
+    assert main([*check(directory), *model, "--card", str(tmp_path / "missing.json")]) == 1
+    assert (
+        capsys.readouterr().err
+        == f"error: {tmp_path / 'missing.json'}: cannot read the model card (No such file or directory)\n"
+    )
+    (tmp_path / "foreign.json").write_text('{"metrics": {}}')
+    assert main([*check(directory), *model, "--card", str(tmp_path / "foreign.json")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'foreign.json'}: not a model card with metrics.accuracy and test_logits.sha256\n"
+    )
+    assert main(["--check", "--data", str(tmp_path), *model]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 't10k-images-idx3-ubyte'}: file not found")
+
+
+def test_check_and_images_do_not_go_together(card_and_data, capsys):
+    directory, _, _ = card_and_data
+    with pytest.raises(SystemExit):
+        main(["--check", str(directory / "digit.png")])
+    assert "give IMAGE files to classify, or --check alone" in capsys.readouterr().err

@@ -8,16 +8,17 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import PROJECT, copy_project, run
+from conftest import ELSEWHERE, PROJECT, consume, copy_project, run
 from PIL import Image
 
 from mnist_pipeline.data import load_mnist
+from mnist_pipeline.export import DigitClassifier
+from mnist_pipeline.model import load_checkpoint
 from mnist_pipeline.numerics import describe_cpu
 from mnist_pipeline.report import AUGMENTATION_FIGURE
 
@@ -88,45 +89,41 @@ def test_download_gives_the_known_dataset(project):
     assert test_images.shape == (10000, 28, 28)
 
 
-def test_exported_model_works_with_torch_alone(project):
-    """A fresh interpreter that imports only torch scores the accuracy of the metrics, give or take a
-    near-tie: the exported model computes with this machine's own products, evaluate with exact ones."""
-    script = textwrap.dedent(
-        """
-        import sys, torch
-        model = torch.jit.load(sys.argv[1])
-        images = open(sys.argv[2], "rb").read()[16:]  # IDX header: magic + 3 dimensions
-        labels = open(sys.argv[3], "rb").read()[8:]  # IDX header: magic + 1 dimension
-        x = torch.frombuffer(bytearray(images), dtype=torch.uint8).view(-1, 1, 28, 28).float() / 255
-        y = torch.frombuffer(bytearray(labels), dtype=torch.uint8).long()
-        with torch.no_grad():
-            correct = (model(x).argmax(1) == y).sum().item()
-        print(correct / len(y), [m for m in sys.modules if m.startswith("mnist_pipeline")])
-        """
-    )
+@pytest.fixture(scope="module")
+def plain_model(project, tmp_path_factory):
+    """The negative control of the checks below: the trained weights in a TorchScript file of torch's own
+    float32 arithmetic, with model.pt's inputs and methods."""
+    path = tmp_path_factory.mktemp("plain") / "plain.pt"
+    model = load_checkpoint(project / "models" / "checkpoint.pt").model
+    torch.jit.save(torch.jit.script(DigitClassifier(model)), path)
+    return path
+
+
+def card_figures(project: Path) -> dict:
+    """The model card's test accuracy and logits hash, as the consumer reports its own."""
+    card = json.loads((project / "models" / "model.json").read_text())
+    return {"accuracy": card["metrics"]["accuracy"], "sha256": card["test_logits"]["sha256"]}
+
+
+@pytest.mark.parametrize("setting", ELSEWHERE)
+def test_the_model_gives_the_cards_logits_to_a_user_with_torch_alone(project, plain_model, setting):
+    """models/model.pt in a fresh Python that imports torch alone, with what differs between machines
+    changed: the test set whole, in thousands, in sevens and one image at a time gives the card's
+    accuracy and logits hash exactly. As installed, model.pt2 too; and the plain float32 TorchScript of
+    the same weights does not."""
     data = project / "data" / "mnist"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-I",  # isolated: no PYTHON* variables, no current directory or user site on the path
-            "-W",
-            "ignore::FutureWarning",
-            "-c",
-            script,
-            str(project / "models" / "model.pt"),
-            str(data / "t10k-images-idx3-ubyte"),
-            str(data / "t10k-labels-idx1-ubyte"),
-        ],
-        cwd="/",
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    accuracy, imported = result.stdout.split(maxsplit=1)
-    assert imported.strip() == "[]"
-    assert float(accuracy) == pytest.approx(
-        json.loads((project / "metrics" / "eval.json").read_text())["accuracy"], abs=3e-4
-    )
+    models = [project / "models" / "model.pt"]
+    if setting == "as installed":
+        models += [project / "models" / "model.pt2", plain_model]
+    results = consume(setting, data / "t10k-images-idx3-ubyte", data / "t10k-labels-idx1-ubyte", models)
+    expected = card_figures(project)
+    for path in models[:2]:
+        for batch, result in results[str(path)].items():
+            if batch != "probabilities":
+                assert result == expected, (path.name, batch)
+    if setting == "as installed":
+        plain = results[str(plain_model)]
+        assert all(plain[batch]["sha256"] != expected["sha256"] for batch in plain if batch != "probabilities")
 
 
 HAVE_CPP = bool(shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++")))
@@ -201,13 +198,40 @@ def test_predict_classifies_a_handful_of_real_test_digits(project, tmp_path, uv_
     assert [r["digit"] for r in results] == labels[:8].tolist()
 
 
-@pytest.mark.skipif(not HAVE_CPP, reason="building the C++ example needs cmake and a C++ compiler")
-def test_readme_cpp_example_builds_and_matches_the_metrics(pictures, uv_shim):
-    output = run_shell(pictures, readme_blocks("sh")[1], uv_shim)  # cmake's own messages, then ours
-    accuracy = json.loads((pictures / "metrics" / "eval.json").read_text())["accuracy"]
-    correct, total = re.search(r"^accuracy (\d+)/(\d+) = ", output, re.MULTILINE).groups()
-    assert int(total) == 10000 and int(correct) / int(total) == pytest.approx(accuracy, abs=3e-4)  # as above
-    assert re.findall(r"^(digit\.\w+: \d) \(probability", output, re.MULTILINE) == ["digit.pgm: 7", "digit.png: 7"]
+@pytest.fixture(scope="module")
+def cpp_example(pictures, uv_shim):
+    """The README's C++ commands, run as written: they build examples/cpp and run it on the test set (with
+    the card) and on two pictures. Returns what they printed (cmake's messages, then the program's)."""
+    if not HAVE_CPP:
+        pytest.skip("building the C++ example needs cmake and a C++ compiler")
+    return run_shell(pictures, readme_blocks("sh")[1], uv_shim)
+
+
+def test_readme_cpp_example_builds_and_gives_the_cards_logits(pictures, cpp_example):
+    expected = card_figures(pictures)
+    scores = re.findall(r"^batch (\d+): accuracy (\d+)/(\d+) = [\d.]+, logits sha256 (\w+)$", cpp_example, re.MULTILINE)
+    assert [batch for batch, *_ in scores] == ["10000", "1"]
+    for _, correct, total, sha256 in scores:
+        assert int(correct) / int(total) == expected["accuracy"] and sha256 == expected["sha256"]
+    assert f"card: accuracy {expected['accuracy']}, logits sha256 {expected['sha256']}" in cpp_example
+    assert re.findall(r"^(digit\.\w+: \d) \(probability", cpp_example, re.MULTILINE) == ["digit.pgm: 7", "digit.png: 7"]
+
+
+@pytest.mark.parametrize("setting", ELSEWHERE)
+def test_the_cpp_example_gives_the_cards_logits_anywhere(pictures, cpp_example, plain_model, setting):
+    """The C++ program checks a machine against the card (exit status 0), with what differs between
+    machines changed; the plain float32 TorchScript of the same weights fails the check."""
+    variables, threads = ELSEWHERE[setting]
+    if threads > os.cpu_count():
+        pytest.skip(f"libtorch caps OMP_NUM_THREADS at the {os.cpu_count()} cores, and the program sets no count")
+    program = str(pictures / "build" / "cpp" / "mnist_classify")
+    data = ["data/mnist/t10k-images-idx3-ubyte", "data/mnist/t10k-labels-idx1-ubyte", "models/model.json"]
+    output = run(pictures, program, "models/model.pt", *data, **variables).stdout
+    assert output.count(card_figures(pictures)["sha256"]) == 3
+    if setting == "as installed":
+        failed = run(pictures, program, str(plain_model), *data, check=False, **variables)
+        assert failed.returncode == 1
+        assert failed.stderr == "error: this machine computes other logits than the card records (models/model.json)\n"
 
 
 def test_the_artifact_commands_fetch_the_model(project, uv_shim, tmp_path):
@@ -224,6 +248,8 @@ def test_model_card_is_complete_and_its_hashes_are_true(project):
     for artifact in card["artifacts"].values():
         content = (project / "models" / artifact["file"]).read_bytes()
         assert artifact["sha256"] == hashlib.sha256(content).hexdigest()
+    logits = (project / "metrics" / "test_logits.bin").read_bytes()
+    assert len(logits) == 10000 * 10 * 4 and card["test_logits"]["sha256"] == hashlib.sha256(logits).hexdigest()
     assert card["metrics"]["accuracy"] == json.loads((project / "metrics" / "eval.json").read_text())["accuracy"]
     assert card["architecture"]["layers"] == [784, 520, 320, 240, 120, 10]
     assert card["training"]["epochs"] == 9 and card["training"]["arithmetic"] == "portable"
