@@ -291,17 +291,20 @@ def export_files(model, directory: Path, images):
 
 # What tells machines apart, one thing at a time, for a user of the exported files: ATen's kernels (each
 # CPU runs the widest it has), MKL's code path (COMPATIBLE is the one it takes on AMD CPUs), the
-# instruction set oneDNN may use, and the thread count. Each: (environment, torch.set_num_threads count;
-# 0 leaves torch's own). The AVX-512 kernels need a CPU that has AVX-512.
+# instruction set oneDNN may use, the thread count, and the precision the user's program allows its
+# float32 products (bf16 products, through oneDNN, where the CPU has them). Each: (environment,
+# torch.set_num_threads count or 0 for torch's own, torch.set_float32_matmul_precision). The AVX-512
+# kernels need a CPU that has AVX-512.
 ELSEWHERE = {
-    "as installed": ({}, 0),
-    "ATen's scalar kernels": ({"ATEN_CPU_CAPABILITY": "default"}, 0),
-    "ATen's AVX2 kernels": ({"ATEN_CPU_CAPABILITY": "avx2"}, 0),
-    "ATen's AVX-512 kernels": ({"ATEN_CPU_CAPABILITY": "avx512"}, 0),
-    "MKL's path for AMD CPUs": ({"MKL_CBWR": "COMPATIBLE"}, 0),
-    "oneDNN held to AVX2": ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, 0),
-    "1 thread": ({"OMP_NUM_THREADS": "1"}, 1),
-    "3 threads": ({"OMP_NUM_THREADS": "3"}, 3),  # which torch caps at the cores: hence torch.set_num_threads too
+    "as installed": ({}, 0, "highest"),
+    "ATen's scalar kernels": ({"ATEN_CPU_CAPABILITY": "default"}, 0, "highest"),
+    "ATen's AVX2 kernels": ({"ATEN_CPU_CAPABILITY": "avx2"}, 0, "highest"),
+    "ATen's AVX-512 kernels": ({"ATEN_CPU_CAPABILITY": "avx512"}, 0, "highest"),
+    "MKL's path for AMD CPUs": ({"MKL_CBWR": "COMPATIBLE"}, 0, "highest"),
+    "oneDNN held to AVX2": ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, 0, "highest"),
+    "1 thread": ({"OMP_NUM_THREADS": "1"}, 1, "highest"),
+    "3 threads": ({"OMP_NUM_THREADS": "3"}, 3, "highest"),  # which torch caps at the cores: hence set_num_threads
+    "bf16 products allowed": ({}, 0, "medium"),
 }
 CONSUMER = PROJECT / "tests" / "consumer.py"
 
@@ -313,15 +316,15 @@ def consume(
     isolated Python started from /, which cannot import the project (checked)."""
     import torch
 
-    variables, threads = ELSEWHERE[setting]
+    variables, threads, precision = ELSEWHERE[setting]
     capabilities = torch.cpu.get_capabilities()
     if "avx512" in variables.values() and not all(capabilities.get(f"avx512_{x}") for x in ("f", "bw", "vl", "dq")):
         pytest.skip("ATen's AVX-512 kernels need a CPU with AVX-512 F, BW, VL and DQ")
-    command = [sys.executable, "-I", "-W", "ignore::FutureWarning", str(CONSUMER), str(threads), batches]
+    command = [sys.executable, "-I", "-W", "ignore::FutureWarning", str(CONSUMER), str(threads), precision, batches]
     result = run(Path("/"), *command, str(images), str(labels), *map(str, models), **variables)
     output = json.loads(result.stdout)
     assert output["imported"] == [], "the consumer imported the project's code"
-    assert threads in (0, output["threads"])
+    assert threads in (0, output["threads"]) and output["precision"] == precision
     if "ATEN_CPU_CAPABILITY" in variables:
         assert output["kernels"] == variables["ATEN_CPU_CAPABILITY"].upper()
     return output["models"]

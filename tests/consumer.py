@@ -1,10 +1,12 @@
 """A user of models/model.pt and model.pt2 who has torch and nothing of this project. The tests run it in
 a fresh, isolated Python (`python -I`, from /), so that it cannot import the project's code:
 
-    python -I consumer.py THREADS BATCHES IMAGES_IDX LABELS_IDX MODEL...
+    python -I consumer.py THREADS PRECISION BATCHES IMAGES_IDX LABELS_IDX MODEL...
 
-THREADS: torch.set_num_threads's count (0: torch's own choice). BATCHES: comma-separated batch sizes
-(0: all the images at once). It prints JSON: the thread count, ATen's kernels, the project's modules
+THREADS: torch.set_num_threads's count (0: torch's own choice). PRECISION: the float32 matrix
+products' precision (torch.set_float32_matmul_precision: "highest", torch's default, or "high" or
+"medium", which let products round their operands to TF32 or bf16). BATCHES: comma-separated batch
+sizes (0: all the images at once). It prints JSON: the thread count, ATen's kernels, the project's modules
 that were imported (none), and for each model and batch size the accuracy and the sha256 of the
 logits as the model card takes it (float32 [N, 10], row-major, little-endian); for a TorchScript file
 also the sha256 of its probabilities at the first batch size.
@@ -29,9 +31,10 @@ def read_idx(path: str, dimensions: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(content[4 + 4 * dimensions :]), dtype=torch.uint8).view(shape)
 
 
-threads, batches, images_path, labels_path, *models = sys.argv[1:]
+threads, precision, batches, images_path, labels_path, *models = sys.argv[1:]
 if int(threads):
     torch.set_num_threads(int(threads))
+torch.set_float32_matmul_precision(precision)
 images, labels = read_idx(images_path, 3), read_idx(labels_path, 1).long()
 results = {}
 with torch.no_grad():
@@ -55,6 +58,7 @@ print(
     json.dumps(
         {
             "threads": torch.get_num_threads(),
+            "precision": torch.get_float32_matmul_precision(),
             "kernels": torch.backends.cpu.get_cpu_capability(),
             "imported": sorted(name for name in sys.modules if name.startswith(("mnist_pipeline", "stages"))),
             "models": results,
