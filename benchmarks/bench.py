@@ -25,6 +25,8 @@ ratios are taken within a round, between neighbours.
             `git checkout HEAD -- . && dvc repro`
   parallel  two trainings (2 epochs, default params) at once against one alone
   sweep     the 4-run grid of recipes/sweep.txt through the queue with one worker, and with two
+  model     models/model.pt against a plain float32 TorchScript export of the same weights, at batch 1
+            and 1000, alternating, in a Python with torch alone (benchmarks/model_speed.py)
 
     uv run python benchmarks/bench.py [--runs 3] [--only tutorial repro ...]
 """
@@ -39,6 +41,7 @@ from pathlib import Path
 import torch
 
 import experiment_cases
+import model_cases
 import pipeline_cases
 import training_cases
 from mnist_pipeline.numerics import describe_cpu
@@ -46,7 +49,7 @@ from scratch import ROOT, make_scratch
 
 # Each kind of case: a module with CASES, the names --only takes, and render(results), the markdown
 # sections of its tables. The cases run, and their tables follow one another, in this order.
-CASE_MODULES = [pipeline_cases, training_cases, experiment_cases]
+CASE_MODULES = [pipeline_cases, training_cases, experiment_cases, model_cases]
 
 
 def main() -> None:
@@ -95,6 +98,8 @@ def main() -> None:
                 # Alternate which goes first, so that neither always meets a warmer machine.
                 for workers in (1, 2) if round_number % 2 else (2, 1):
                     record(f"sweep-{workers}", lambda workers=workers: experiment_cases.run_sweep(scratch, workers))
+            if "model" in chosen:
+                record("model", lambda: model_cases.run_model(scratch))
     report = render(results, args.runs)
     print("\n" + report)
     with (ROOT / "benchmarks" / "results.md").open("a") as log:  # the bench's log: every run, newest last
