@@ -89,7 +89,7 @@ class ShippedMLP(nn.Module):
         self.mean = model.mean
         self.std = model.std
         self.layers = nn.Sequential(
-            *(GridLinear(layer) if isinstance(layer, nn.Linear) else nn.ReLU() for layer in model.layers)
+            *(GridLinear(layer) if isinstance(layer, nn.Linear) else layer for layer in model.layers)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

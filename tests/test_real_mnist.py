@@ -174,10 +174,13 @@ def test_readme_python_snippet_runs_with_torch_alone(project):
         text=True,
         check=True,
     )
+    sha256 = card_figures(project)["sha256"]
     assert result.stdout.splitlines() == [
         "torch.Size([2, 10])",
         "tensor([1., 1.])",
         "torch.Size([5, 10])",
+        sha256,
+        sha256,
     ]
 
 
