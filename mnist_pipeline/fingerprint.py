@@ -4,12 +4,13 @@
 
 Each line hashes one part of the arithmetic, run as the stages run it (ATen pinned, exact products
 on), on data and initial weights built from integers, so the same on every machine: the
-elementary functions, the exact products, augmentation's deformed digits, and short trainings
+elementary functions, the exact products, augmentation's deformed digits, short trainings
 with every deformation on and the per-epoch test passes (SGD, and AdamW with the one-cycle
-schedule). Two machines that print the same "portable" lines compute the pipeline's bytes
-alike. The "native" lines show what the portable arithmetic is for: torch's own functions and
-products, whose bits differ between CPUs (and thread counts). docs/reproducibility.md lists the
-values of every CPU measured so far.
+schedule), and the model as it ships (its logits and probabilities, whole and image by image).
+Two machines that print the same "portable" lines compute the pipeline's bytes alike. The
+"native" lines show what the portable arithmetic is for: torch's own functions and products,
+whose bits differ between CPUs (and thread counts). docs/reproducibility.md lists the values of
+every CPU measured so far.
 """
 
 # The stages' numeric settings come before torch loads (see numerics.py).
@@ -27,9 +28,9 @@ import torch  # noqa: E402
 from mnist_pipeline.augment import Augmentation  # noqa: E402
 from mnist_pipeline.elementary import exp, sin_cos, tan  # noqa: E402
 from mnist_pipeline.exact import ExactLinear  # noqa: E402
-from mnist_pipeline.metrics import evaluate  # noqa: E402
 from mnist_pipeline.model import MLP  # noqa: E402
 from mnist_pipeline.params import AugmentParams, TrainParams  # noqa: E402
+from mnist_pipeline.shipped import ShippedMLP, evaluate_shipped, softmax  # noqa: E402
 from mnist_pipeline.stage import counted  # noqa: E402
 from mnist_pipeline.training import configure_device, train  # noqa: E402
 
@@ -86,12 +87,25 @@ def trained(params: TrainParams) -> str:
     rows = []
 
     def report(row: dict) -> None:
-        test = evaluate(model, test_images, test_labels)
+        test = evaluate_shipped(model, test_images, test_labels)
         rows.extend([row["train/loss"], row["train/accuracy"], row["lr"], test.loss, test.accuracy])
 
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # its progress
         train(model, images, labels, params, EVERY_DEFORMATION, report)
     return digest(*model.state_dict().values(), torch.tensor(rows, dtype=torch.float64))
+
+
+def shipped() -> str:
+    """The hash of the shipped model's logits and probabilities on 1000 images, in one batch and one by one
+    (the same bits, or another hash)."""
+    images, _ = synthetic_digits(1000, seed=4)
+    torch.manual_seed(4)
+    model = ShippedMLP(MLP([520, 320, 240, 120]))
+    pixels = images.float() / 255
+    with torch.no_grad():
+        whole = model(pixels)
+        one_by_one = torch.cat([model(pixels[i : i + 1]) for i in range(len(pixels))])
+    return digest(whole, one_by_one, softmax(whole))
 
 
 def main() -> None:
@@ -113,6 +127,7 @@ def main() -> None:
         "portable augmentation (3 batches of 256, every deformation)": digest(*deformed),
         "portable training, SGD (2 epochs, augmented)": trained(SGD),
         "portable training, AdamW one-cycle (2 epochs, augmented)": trained(ADAMW),
+        "portable shipped model (1000 images, whole and one by one)": shipped(),
         "native: torch's own sin, cos, tan, exp, log (MKL)": digest(
             *(f(values) for f in (torch.sin, torch.cos, torch.tan, torch.exp)), torch.log(values.abs() + 0.1)
         ),
