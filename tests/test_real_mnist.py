@@ -184,12 +184,17 @@ def test_readme_python_snippet_runs_with_torch_alone(project):
     ]
 
 
-def test_readme_predict_commands_classify_real_digits(pictures, uv_shim):
-    predict, predict_json = readme_blocks("sh")[0].strip().splitlines()
+def test_readme_predict_commands_classify_real_digits_and_check_the_card(pictures, uv_shim):
+    predict, predict_json, check = readme_blocks("sh")[0].strip().splitlines()
     lines = run_shell(pictures, predict, uv_shim).splitlines()
     assert [line.split(" (")[0] for line in lines] == ["digit.png: 7", "scan.jpg: 2"]
     [result] = json.loads(run_shell(pictures, predict_json, uv_shim))
     assert result["file"] == "digit.png" and result["digit"] == 7 and result["probability"] > 0.5
+    expected = card_figures(pictures)
+    lines = run_shell(pictures, check, uv_shim).splitlines()  # bash -e: its exit status is 0
+    assert len(lines) == 4 and all(
+        f"accuracy {expected['accuracy']}  logits sha256 {expected['sha256']}" in line for line in lines[:3]
+    )
 
 
 def test_predict_classifies_a_handful_of_real_test_digits(project, tmp_path, uv_shim):
