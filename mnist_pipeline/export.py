@@ -41,16 +41,18 @@ class DigitClassifier(nn.Module):
     @torch.jit.export
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Any accepted input as float32 [N, 1, 28, 28] in [0, 1]; anything else is a ValueError."""
+        shape = list(images.shape)
         if images.dim() == 3:
             images = images.unsqueeze(1)
         if images.dim() != 4 or list(images.shape[1:]) != [1, 28, 28]:
-            raise ValueError("expected images of shape [N, 28, 28] or [N, 1, 28, 28], got " + str(list(images.shape)))
+            raise ValueError("expected images of shape [N, 28, 28] or [N, 1, 28, 28], got " + str(shape))
         if images.dtype == torch.uint8:
             return scale_pixels(images)
         if images.dtype != torch.float32:
             raise ValueError("expected float32 pixels in [0, 1] or uint8 pixels in 0..255, got another dtype")
-        if images.numel() > 0 and (bool(images.min() < 0) or bool(images.max() > 1)):
-            raise ValueError("float32 pixels must be in [0, 1] (pass uint8 for 0..255 values)")
+        # Not "min < 0 or max > 1", which a NaN passes: its comparisons are all false.
+        if images.numel() > 0 and not (bool(images.min() >= 0) and bool(images.max() <= 1)):
+            raise ValueError("float32 pixels must be in [0, 1], and numbers (pass uint8 for 0..255 values)")
         return images
 
 

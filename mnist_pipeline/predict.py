@@ -200,7 +200,7 @@ def check(model: torch.jit.ScriptModule, card: Path, data: Path) -> int:
     try:
         images, labels = (torch.from_numpy(array) for array in load_mnist(data, "test"))
     except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}; --data takes the folder of the decompressed MNIST IDX files", file=sys.stderr)
         return 1
     with torch.no_grad():
         computed = {
@@ -214,8 +214,12 @@ def check(model: torch.jit.ScriptModule, card: Path, data: Path) -> int:
     width = max(map(len, rows))
     for name, (accuracy, sha256) in rows.items():
         print(f"{name:<{width}}  accuracy {accuracy}  logits sha256 {sha256}")
-    if any(row != expected for row in rows.values()):
+    if any(sha256 != expected[1] for _, sha256 in rows.values()):
         print(f"error: this machine computes other logits than {card} records", file=sys.stderr)
+        return 1
+    scored = rows[f"batch {len(images)}"][0]
+    if scored != expected[0]:
+        print(f"error: the card's logits score {scored} on the labels in {data}, not {expected[0]}", file=sys.stderr)
         return 1
     print(f"this machine computes the logits {card} records, in any batch")
     return 0

@@ -412,7 +412,16 @@ def test_check_without_a_card_or_the_test_set_is_one_line(card_and_data, tmp_pat
         f"error: {tmp_path / 'foreign.json'}: not a model card with metrics.accuracy and test_logits.sha256\n"
     )
     assert main(["--check", "--data", str(tmp_path), *model]) == 1
-    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 't10k-images-idx3-ubyte'}: file not found")
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {tmp_path / 't10k-images-idx3-ubyte'}: file not found")
+    assert error.endswith("; --data takes the folder of the decompressed MNIST IDX files\n")
+    card = json.loads((directory / "model.json").read_text())
+    card["metrics"]["accuracy"] = 0.5
+    (tmp_path / "other accuracy.json").write_text(json.dumps(card))
+    assert main([*check(directory), *model, "--card", str(tmp_path / "other accuracy.json")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: the card's logits score {card_and_data[2]} on the labels in {directory / 'data'}, not 0.5\n"
+    )
 
 
 def test_check_and_images_do_not_go_together(card_and_data, capsys):

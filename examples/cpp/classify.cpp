@@ -228,6 +228,10 @@ int main(int argc, char** argv) {
       int64_t digit = probabilities.argmax().item<int64_t>();
       std::cout << argv[i] << ": " << digit << " (probability " << probabilities[digit].item<float>() << ")\n";
     }
+  } catch (const c10::Error& error) {  // libtorch's what() appends a C++ stack trace: the message alone
+    std::string message = error.what_without_backtrace();
+    std::cerr << "error: " << message.substr(0, message.find('\n')) << "\n";
+    return 1;
   } catch (const std::exception& error) {
     std::cerr << "error: " << error.what() << "\n";
     return 1;
