@@ -310,18 +310,23 @@ CONSUMER = PROJECT / "tests" / "consumer.py"
 
 
 def consume(
-    setting: str, images: Path, labels: Path, models: list[Path], batches: str = "0,1000,7,1"
+    setting: str, images: Path, labels: Path, models: list[str], batches: str = "0,1000,7,1"
 ) -> dict[str, dict]:
-    """tests/consumer.py's JSON for `models` on an IDX pair, run with the ELSEWHERE `setting` in an
-    isolated Python started from /, which cannot import the project (checked)."""
+    """tests/consumer.py's JSON for `models` (paths, each with its own batch sizes after an @ if need
+    be) on an IDX pair, by path, run with the ELSEWHERE `setting` in an isolated Python started from
+    /, which cannot import the project (checked). It holds the machine's cores meanwhile, as the
+    stages do (cores.py): its threads beside other tests' trainings would only slow both down."""
     import torch
+
+    from mnist_pipeline.cores import reserved_cores
 
     variables, threads, precision = ELSEWHERE[setting]
     capabilities = torch.cpu.get_capabilities()
     if "avx512" in variables.values() and not all(capabilities.get(f"avx512_{x}") for x in ("f", "bw", "vl", "dq")):
         pytest.skip("ATen's AVX-512 kernels need a CPU with AVX-512 F, BW, VL and DQ")
     command = [sys.executable, "-I", "-W", "ignore::FutureWarning", str(CONSUMER), str(threads), precision, batches]
-    result = run(Path("/"), *command, str(images), str(labels), *map(str, models), **variables)
+    with reserved_cores(os.cpu_count() or 1):
+        result = run(Path("/"), *command, str(images), str(labels), *models, **variables)
     output = json.loads(result.stdout)
     assert output["imported"] == [], "the consumer imported the project's code"
     assert threads in (0, output["threads"]) and output["precision"] == precision

@@ -182,7 +182,7 @@ def test_a_user_with_torch_alone_gets_the_same_logits_anywhere_in_any_batch(file
     and its plain twin are checked as installed."""
     images, labels, expected, accuracy = test_set
     names = ["model.pt", "plain.pt", *(["model.pt2", "plain.pt2"] if setting == "as installed" else [])]
-    results = consume(setting, images, labels, [files / name for name in names])
+    results = consume(setting, images, labels, [str(files / name) for name in names])
     for name in names:
         logits = {batch: result for batch, result in results[str(files / name)].items() if batch != "probabilities"}
         if name.startswith("model"):
