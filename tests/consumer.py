@@ -1,15 +1,16 @@
 """A user of models/model.pt and model.pt2 who has torch and nothing of this project. The tests run it in
 a fresh, isolated Python (`python -I`, from /), so that it cannot import the project's code:
 
-    python -I consumer.py THREADS PRECISION BATCHES IMAGES_IDX LABELS_IDX MODEL...
+    python -I consumer.py THREADS PRECISION BATCHES IMAGES_IDX LABELS_IDX MODEL[@BATCHES]...
 
 THREADS: torch.set_num_threads's count (0: torch's own choice). PRECISION: the float32 matrix
 products' precision (torch.set_float32_matmul_precision: "highest", torch's default, or "high" or
 "medium", which let products round their operands to TF32 or bf16). BATCHES: comma-separated batch
-sizes (0: all the images at once). It prints JSON: the thread count, ATen's kernels, the project's modules
-that were imported (none), and for each model and batch size the accuracy and the sha256 of the
-logits as the model card takes it (float32 [N, 10], row-major, little-endian); for a TorchScript file
-also the sha256 of its probabilities at the first batch size.
+sizes (0: all the images at once), for each model that names none of its own after an @. It prints
+JSON: the thread count, ATen's kernels, the project's modules that were imported (none), and for
+each model (by path) and batch size the accuracy and the sha256 of the logits as the model card
+takes it (float32 [N, 10], row-major, little-endian); for a TorchScript file also the sha256 of its
+probabilities at its first batch size.
 """
 
 import hashlib
@@ -38,18 +39,20 @@ torch.set_float32_matmul_precision(precision)
 images, labels = read_idx(images_path, 3), read_idx(labels_path, 1).long()
 results = {}
 with torch.no_grad():
-    for path in models:
+    for model_argument in models:
+        path, _, own_batches = model_argument.partition("@")
+        sizes = [int(size) or len(images) for size in (own_batches or batches).split(",")]
         if path.endswith(".pt2"):  # float32 [N, 1, 28, 28] in [0, 1]
             model, inputs = torch.export.load(path).module(), images.unsqueeze(1).float() / 255
         else:  # TorchScript takes the uint8 images as the IDX file holds them
             model, inputs = torch.jit.load(path), images
         results[path] = {}
-        for batch in (int(size) or len(images) for size in batches.split(",")):
+        for batch in sizes:
             logits = torch.cat([model(inputs[i : i + batch]) for i in range(0, len(images), batch)])
             accuracy = (logits.argmax(1) == labels).sum().item() / len(labels)
             results[path][batch] = {"accuracy": accuracy, "sha256": sha256(logits)}
         if not path.endswith(".pt2"):
-            first = int(batches.split(",")[0]) or len(images)
+            first = sizes[0]
             probabilities = torch.cat(
                 [model.probabilities(images[i : i + first]) for i in range(0, len(images), first)]
             )
