@@ -37,7 +37,15 @@ PROJECT = Path(__file__).resolve().parent.parent
 # `make test` runs the modules on three workers (pytest-xdist, a module to a worker, so that each
 # module's fixtures run once), which take them in the order collected: the slowest first, so that
 # they finish together instead of two waiting for the third's last long module.
-SLOWEST_MODULES = ("test_experiments", "test_real_mnist", "test_distributed", "test_portable", "test_pipeline")
+SLOWEST_MODULES = (
+    "test_real_mnist",
+    "test_export",
+    "test_portable",
+    "test_experiments",
+    "test_pipeline",
+    "test_distributed",
+    "test_faults",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
