@@ -56,10 +56,11 @@ bench: setup
 fingerprint: setup
 	$(RUN) python -m mnist_pipeline.fingerprint
 
-# Three workers, on two cores too: most tests wait, on the commands they start (interpreters, DVC) or
-# on the cores that another test's training holds (cores.py), rather than compute.
+# Two workers, a module each at a time, in the order tests/conftest.py gives them (xdist would
+# otherwise start the modules with the most tests first). On 2 cores, a third worker made the suite
+# slower: its torch processes beside the other two burn their time in OpenMP's waits (cores.py).
 test: setup lint
-	$(RUN) pytest --numprocesses 3 --dist loadfile
+	$(RUN) pytest --numprocesses 2 --dist loadfile --no-loadscope-reorder
 
 lint: setup
 	$(RUN) ruff format --check .

@@ -34,9 +34,9 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 
 PROJECT = Path(__file__).resolve().parent.parent
 
-# `make test` runs the modules on three workers (pytest-xdist, a module to a worker, so that each
-# module's fixtures run once), which take them in the order collected: the slowest first, so that
-# they finish together instead of two waiting for the third's last long module.
+# `make test` runs the modules on two workers (pytest-xdist, a module to a worker, so that each
+# module's fixtures run once), which take them in the order collected (--no-loadscope-reorder): the
+# slowest first, so that they finish together instead of one waiting for the other's last long module.
 SLOWEST_MODULES = (
     "test_real_mnist",
     "test_export",

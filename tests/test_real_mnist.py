@@ -232,26 +232,35 @@ def test_readme_cpp_example_builds_and_gives_the_cards_logits(pictures, cpp_exam
     assert re.findall(r"^(digit\.\w+: \d) \(probability", cpp_example, re.MULTILINE) == ["digit.pgm: 7", "digit.png: 7"]
 
 
-@pytest.mark.parametrize("setting", [setting for setting in ELSEWHERE if setting not in PYTHON_ONLY])
-def test_the_cpp_example_gives_the_cards_logits_anywhere(pictures, cpp_example, plain_model, setting):
-    """The C++ program checks a machine against the card (exit status 0), with what differs between
-    machines changed; the plain float32 TorchScript of the same weights fails the check."""
+@pytest.fixture(scope="module")
+def cpp_program(pictures, cpp_example) -> str:
+    """The program the README's C++ commands built."""
+    return str(pictures / "build" / "cpp" / "mnist_classify")
+
+
+CPP_TEST_SET = ["data/mnist/t10k-images-idx3-ubyte", "data/mnist/t10k-labels-idx1-ubyte", "models/model.json"]
+
+
+@pytest.mark.parametrize("setting", [setting for setting in ELSEWHERE if setting not in ("as installed", *PYTHON_ONLY)])
+def test_the_cpp_example_gives_the_cards_logits_anywhere(pictures, cpp_program, setting):
+    """The C++ program checks a machine against the card (exit status 0), in one batch and one image at a
+    time, with what differs between machines changed (as installed: the README's commands, above)."""
     variables, _, _ = ELSEWHERE[setting]
-    program = str(pictures / "build" / "cpp" / "mnist_classify")
-    data = ["data/mnist/t10k-images-idx3-ubyte", "data/mnist/t10k-labels-idx1-ubyte", "models/model.json"]
-    output = run(pictures, program, "models/model.pt", *data, **variables).stdout
+    output = run(pictures, cpp_program, "models/model.pt", *CPP_TEST_SET, **variables).stdout
     assert output.count(card_figures(pictures)["sha256"]) == 3
-    if setting == "as installed":
-        failed = run(pictures, program, str(plain_model), *data, check=False, **variables)
-        assert failed.returncode == 1
-        assert failed.stderr == "error: this machine computes other logits than the card records (models/model.json)\n"
 
 
-def test_the_cpp_example_says_in_one_line_that_a_model_is_unusable(pictures, cpp_example):
-    program = str(pictures / "build" / "cpp" / "mnist_classify")
+def test_the_cpp_example_fails_the_check_with_a_plain_float32_model(pictures, cpp_program, plain_model):
+    """The negative control: the trained weights in torch's own float32 arithmetic give other logits."""
+    failed = run(pictures, cpp_program, str(plain_model), *CPP_TEST_SET, check=False)
+    assert failed.returncode == 1
+    assert failed.stderr == "error: this machine computes other logits than the card records (models/model.json)\n"
+
+
+def test_the_cpp_example_says_in_one_line_that_a_model_is_unusable(pictures, cpp_program):
     (pictures / "truncated.pt").write_bytes((pictures / "models" / "model.pt").read_bytes()[:100])
     for model in ("missing.pt", "truncated.pt"):
-        result = run(pictures, program, model, "digit.png", check=False)
+        result = run(pictures, cpp_program, model, "digit.png", check=False)
         assert result.returncode == 1 and result.stderr.startswith("error: "), result.stderr
         assert result.stderr.count("\n") == 1, result.stderr
     (pictures / "truncated.pt").unlink()
