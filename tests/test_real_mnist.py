@@ -109,14 +109,14 @@ def card_figures(project: Path) -> dict:
 def test_the_model_gives_the_cards_logits_to_a_user_with_torch_alone(project, plain_model, setting):
     """models/model.pt in a fresh Python that imports torch alone, with what differs between machines
     changed: the test set in one batch gives the card's accuracy and logits hash exactly. As installed,
-    also in thousands, in sevens and one image at a time, and model.pt2 in one batch; and there the
-    plain float32 TorchScript of the same weights gives other logits. (One image at a time under the
-    other settings: the C++ example, below.)"""
+    also in thousands and in sevens, and model.pt2 in one batch; and there the plain float32
+    TorchScript of the same weights gives other logits. (One image at a time: the C++ example, below,
+    under every setting, and mnist-predict --check, which the README's commands run.)"""
     data = project / "data" / "mnist"
     model, program = project / "models" / "model.pt", project / "models" / "model.pt2"
     models = [f"{model}@0"]
     if setting == "as installed":
-        models = [f"{model}@0,1000,7,1", f"{program}@0", f"{plain_model}@0"]
+        models = [f"{model}@0,1000,7", f"{program}@0", f"{plain_model}@0"]
     images, labels = data / "t10k-images-idx3-ubyte", data / "t10k-labels-idx1-ubyte"
     results = consume(setting, images, labels, models)
     expected = card_figures(project)
