@@ -57,8 +57,8 @@ fingerprint: setup
 	$(RUN) python -m mnist_pipeline.fingerprint
 
 # Two workers, a module each at a time, in the order tests/conftest.py gives them (xdist would
-# otherwise start the modules with the most tests first). On 2 cores, a third worker made the suite
-# slower: its torch processes beside the other two burn their time in OpenMP's waits (cores.py).
+# otherwise start the modules with the most tests first). On 2 cores a third worker did not make the
+# suite faster: its torch processes beside the other two's burn their time in OpenMP's waits.
 test: setup lint
 	$(RUN) pytest --numprocesses 2 --dist loadfile --no-loadscope-reorder
 
