@@ -39,12 +39,12 @@ PROJECT = Path(__file__).resolve().parent.parent
 # slowest first, so that they finish together instead of one waiting for the other's last long module.
 SLOWEST_MODULES = (
     "test_real_mnist",
-    "test_export",
-    "test_portable",
     "test_experiments",
+    "test_portable",
     "test_pipeline",
     "test_distributed",
     "test_faults",
+    "test_export",
 )
 
 
@@ -326,14 +326,14 @@ def consume(
     stages do (cores.py): its threads beside other tests' trainings would only slow both down."""
     import torch
 
-    from mnist_pipeline.cores import reserved_cores
+    from mnist_pipeline.cores import machine_cores, reserved_cores
 
     variables, threads, precision = ELSEWHERE[setting]
     capabilities = torch.cpu.get_capabilities()
     if "avx512" in variables.values() and not all(capabilities.get(f"avx512_{x}") for x in ("f", "bw", "vl", "dq")):
         pytest.skip("ATen's AVX-512 kernels need a CPU with AVX-512 F, BW, VL and DQ")
     command = [sys.executable, "-I", "-W", "ignore::FutureWarning", str(CONSUMER), str(threads), precision, batches]
-    with reserved_cores(os.cpu_count() or 1):
+    with reserved_cores(machine_cores()):
         result = run(Path("/"), *command, str(images), str(labels), *models, **variables)
     output = json.loads(result.stdout)
     assert output["imported"] == [], "the consumer imported the project's code"
