@@ -6,11 +6,12 @@ captions each tile (drawn with Pillow) and is a PNG; the augmentation picture is
 Each file is a tracked output that must have the same bytes everywhere, so neither is compressed
 by the system's zlib, which Pillow's PNG writer uses (a system whose zlib is zlib-ng, such as
 Fedora 40 and later, compresses the same pixels to other bytes): the PNG by the zlib that
-torchvision's wheel carries, the GIF by Pillow's own LZW coder. The train stage writes the GIF so
-that it need not import torchvision, whose import takes 1.3 s, because torchvision.ops imports
-torch._dynamo (docs/performance.md).
+torchvision's wheel carries, the GIF by Pillow's own LZW coder.
 """
 
+import functools
+import importlib.machinery
+import importlib.util
 import math
 from pathlib import Path
 
@@ -71,13 +72,33 @@ def digits_grid(rows: torch.Tensor) -> torch.Tensor:
     return tile_grid(pixels.repeat_interleave(SCALE, 2).repeat_interleave(SCALE, 3), rows.shape[1])
 
 
+# The library of torchvision's image codecs, whose encode_png torchvision.io.encode_png calls. Loaded
+# without `import torchvision`, which imports torchvision.ops and through it torch._dynamo: the
+# evaluate stage took 3.1 s instead of 1.8 s on synthetic data (Zen 5), for one picture.
+# tests/test_metrics.py checks the bytes against torchvision.io.encode_png's, so a torchvision that
+# renames the library or the op fails there.
+TORCHVISION_IMAGE_LIBRARY = "image_stable"
+
+
+@functools.cache
+def _load_torchvision_image_library() -> None:
+    folder = importlib.util.find_spec("torchvision").submodule_search_locations[0]
+    extensions = (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES)
+    spec = importlib.machinery.FileFinder(folder, extensions).find_spec(TORCHVISION_IMAGE_LIBRARY)
+    if spec is None:
+        raise ImportError(f"torchvision has no {TORCHVISION_IMAGE_LIBRARY} library in {folder}")
+    torch.ops.load_library(spec.origin)
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """The uint8 [3, H, W] `image` as a PNG (zlib level 6), as torchvision.io.encode_png writes it."""
+    _load_torchvision_image_library()
+    return torch.ops.image.encode_png(image, 6).numpy().tobytes()
+
+
 def write_png(image: torch.Tensor, path: Path) -> None:
     """The uint8 [3, H, W] `image` as a PNG, written atomically; the bytes depend only on the pixels."""
-    # Imported here, where it is used, so that the train stage, which imports this module for
-    # write_gif, does not pay torchvision's import (see above).
-    from torchvision.io import encode_png
-
-    content = encode_png(image, compression_level=6).numpy().tobytes()
+    content = png_bytes(image)
     with atomic_output(path) as file:
         file.write(content)
 
