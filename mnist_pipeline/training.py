@@ -32,6 +32,10 @@ from mnist_pipeline.stage import (
 )
 
 PROGRESS_EVERY = 100  # batches between loss readouts: each one waits for the device
+# A training has diverged when its loss, averaged over the steps between two readouts, runs above this
+# many times the untrained model's (about ln 10 = 2.30: a guess). In the portable arithmetic every
+# operand is rescaled onto its grid, so a runaway loss stays finite: at train.lr 1000, 908 after 9 epochs.
+RUNAWAY_FACTOR = 3
 THREADS_EVERY = 10  # batches between looks at the free cores (each a read of /proc/stat, once 0.25 s have passed)
 # Training images the untrained model is scored on for epoch 0: as many as the test set has. An
 # untrained model's loss varies little between samples, and all 60,000 cost 0.9 s a run.
@@ -130,20 +134,33 @@ def keep_freed_memory() -> None:
 
 
 def stop_if_diverged(
-    losses: torch.Tensor, epoch: int, steps_before: int, optimizer: Optimizer, reported_by_other: bool = False
+    losses: torch.Tensor,
+    epoch: int,
+    steps_before: int,
+    optimizer: Optimizer,
+    untrained_loss: float,
+    reported_by_other: bool = False,
 ) -> None:
-    """Raise a PipelineError if `losses`, the optimizer's latest steps (this epoch's after the
-    first `steps_before`), hold a NaN or an infinity, naming the first of them; FailureReported
-    instead if `reported_by_other` (a rank other than 0, which says it)."""
-    diverged = torch.nonzero(~torch.isfinite(losses))
+    """Raise a PipelineError if `losses`, the optimizer's latest steps (this epoch's after the first
+    `steps_before`), hold a NaN or an infinity, or average more than RUNAWAY_FACTOR times
+    `untrained_loss`, naming the first step that did; FailureReported instead if `reported_by_other`
+    (a rank other than 0, which says it)."""
+    bad = ~torch.isfinite(losses)
+    runaway = not bad.any() and losses.mean().item() > RUNAWAY_FACTOR * untrained_loss
+    if runaway:
+        bad = losses > RUNAWAY_FACTOR * untrained_loss
+    diverged = torch.nonzero(bad)
     if len(diverged) and reported_by_other:
         raise FailureReported()
     if len(diverged):
         index = int(diverged[0])
         lr = optimizer.lr_at(optimizer.steps_taken - len(losses) + index)
+        loss = f"{losses[index].item():g}"
+        if runaway:
+            loss += f", more than {RUNAWAY_FACTOR} times the untrained model's {untrained_loss:.4f}"
         raise PipelineError(
             f"params.yaml: training diverged at epoch {epoch}, step {steps_before + index + 1}: the loss is "
-            f"{losses[index].item()} (learning rate {lr:g}); lower train.lr"
+            f"{loss} (learning rate {lr:g}); lower train.lr"
         )
 
 
@@ -191,8 +208,13 @@ def train(
     started = time.perf_counter()
     if free_cores:
         fit_threads(free_cores, most_threads, None)
+    # The untrained model's loss: rank 0 reports it, and every rank measures a runaway loss by rank 0's.
+    initial = evaluate(model, images[:INITIAL_SAMPLE], labels[:INITIAL_SAMPLE])
+    untrained = torch.tensor(initial.loss, dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.broadcast(untrained, 0)
+    untrained_loss = untrained.item()
     if lead:
-        initial = evaluate(model, images[:INITIAL_SAMPLE], labels[:INITIAL_SAMPLE])
         report({"epoch": 0, "train/loss": initial.loss, "train/accuracy": initial.accuracy, "lr": optimizer.lr()})
     reporting = time.perf_counter() - started
     # A terminal redraws the bar in place; a log (dvc queue logs, CI) keeps every redraw: there, one every 30 s.
@@ -229,9 +251,11 @@ def train(
                 correct += (logits.argmax(1) == y).sum()
                 progress.update(len(batch))
                 if step % PROGRESS_EVERY == 0 or step == steps_per_epoch:
-                    if world > 1:  # the ranks' losses added up: all stop at the same step, and rank 0 says why
-                        torch.distributed.all_reduce(step_losses[checked:step])
-                    stop_if_diverged(step_losses[checked:step], epoch, checked, optimizer, reported_by_other=not lead)
+                    losses = step_losses[checked:step]
+                    if world > 1:  # the ranks' shares added up: all stop at the same step, and rank 0 says why
+                        torch.distributed.all_reduce(losses)
+                        losses = losses / world
+                    stop_if_diverged(losses, epoch, checked, optimizer, untrained_loss, reported_by_other=not lead)
                     checked = step
                 if lead and step % PROGRESS_EVERY == 0:
                     progress.set_postfix(epoch=f"{epoch}/{params.epochs}", loss=f"{loss.item():.4f}", refresh=False)

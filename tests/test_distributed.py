@@ -170,7 +170,7 @@ def test_the_ranks_end_with_their_launcher_even_after_sigkill(downloaded):
 @TWO_CORES
 def test_a_diverging_distributed_training_is_one_line_from_rank_0(downloaded):
     project, _ = downloaded
-    result = train(project, check=False, nproc=2, lr=1e4)
+    result = train(project, check=False, nproc=2, lr=1000)
     assert result.returncode == 1
     [error] = [text for text in result.stderr.splitlines() if text.startswith("error")]
     assert error.startswith("error: rank 0 of 2: params.yaml: training diverged at epoch 1, step ")

@@ -197,6 +197,40 @@ def test_a_learning_rate_that_blows_up_stops_training_at_the_first_bad_step():
         )
 
 
+def train_on_shuffled_labels(lr: float, arithmetic: str) -> list[dict]:
+    """Ten epochs of onecycle at peak `lr` on labels shuffled away from their images: nothing to learn, so
+    the gradients stay large while the learning rate climbs. Returns the reported rows."""
+    images, labels = to_tensors(*synthetic_split(320, seed=0), torch.device("cpu"))
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    params = dataclasses.replace(TRAIN_PARAMS, lr=lr, epochs=10, schedule="onecycle", arithmetic=arithmetic)
+    torch.manual_seed(1)
+    rows = []
+    train(MLP([32]), images, labels, params, NO_AUGMENTATION, rows.append)
+    return rows
+
+
+@pytest.mark.parametrize("arithmetic", ["portable", "native"])
+def test_a_loss_that_runs_away_stops_training_though_it_stays_finite(arithmetic):
+    """At a peak of 4, the loss runs past 3 times the untrained model's once the learning rate has climbed,
+    in the second epoch (portable: on every CPU); finite, so only its size tells."""
+    with pytest.raises(PipelineError) as error:
+        train_on_shuffled_labels(4.0, arithmetic)
+    found = re.fullmatch(
+        r"params.yaml: training diverged at epoch (\d+), step \d+: the loss is ([\d.]+), more than 3 times the "
+        r"untrained model's (2\.3\d+) \(learning rate [\d.]+\); lower train.lr",
+        str(error.value),
+    )
+    assert found, str(error.value)
+    epoch, loss, untrained = int(found[1]), float(found[2]), float(found[3])
+    assert loss > 3 * untrained and (epoch == 2 if arithmetic == "portable" else epoch >= 2)
+
+
+def test_a_loss_that_rises_and_falls_again_is_not_stopped():
+    """The negative control: at a peak of 2 the loss climbs above the untrained model's, not far, and comes back."""
+    losses = [row["train/loss"] for row in train_on_shuffled_labels(2.0, "portable")]
+    assert len(losses) == 11 and max(losses) > losses[0] * 1.05 and losses[-1] < max(losses)
+
+
 def test_a_model_too_big_for_the_device_is_refused_before_allocating():
     # SGD with momentum: weights, gradients and one buffer (12 bytes a weight), and the products' rounded copies.
     params = TRAIN_PARAMS
