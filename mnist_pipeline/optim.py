@@ -48,6 +48,20 @@ class Optimizer:
             self.exp_avg_sqs = [torch.zeros_like(p) for p in parameters]
             self.adam_steps = [torch.zeros((), device=p.device) for p in parameters]
 
+    def state_dict(self) -> dict:
+        """What the next steps read besides the weights: the step count and the per-parameter buffers."""
+        if self.params.optimizer == "sgd":
+            return {"steps_taken": self.steps_taken, "momentum_buffers": self.momentum_buffers}
+        buffers = {"exp_avgs": self.exp_avgs, "exp_avg_sqs": self.exp_avg_sqs, "adam_steps": self.adam_steps}
+        return {"steps_taken": self.steps_taken, **buffers}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict() of an optimizer of the same params and parameters."""
+        device = self.parameters[0].device
+        for name, value in state.items():
+            buffers = [None if t is None else t.to(device) for t in value] if isinstance(value, list) else value
+            setattr(self, name, buffers)
+
     def lr(self) -> float:
         """The learning rate of the next step."""
         return self.lr_at(self.steps_taken)

@@ -6,6 +6,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed
@@ -164,6 +165,19 @@ def stop_if_diverged(
         )
 
 
+@dataclass
+class Progress:
+    """A training at the end of an epoch: everything its next steps read, so that one resumed from here
+    goes on exactly as it would have."""
+
+    epoch: int  # epochs completed
+    model: dict  # the weights, a state_dict
+    optimizer: dict  # Optimizer.state_dict()
+    shuffle: torch.Tensor  # the shuffling generator's state
+    augmentation: torch.Tensor  # the deformations' generator's state
+    untrained_loss: float  # the measure of a runaway loss (stop_if_diverged)
+
+
 @interruptions_deferred()  # a stage's SIGINT or SIGTERM stops it between two steps (see stage.py)
 def train(
     model: MLP,
@@ -172,9 +186,13 @@ def train(
     params: TrainParams,
     augment: AugmentParams,
     report: Callable[[dict], None] | None,
+    resume: Progress | None = None,
+    snapshot: Callable[[Progress], None] | None = None,
 ) -> None:
     """Minimize cross-entropy on uint8 `images` [N, 784], deformed as `augment` says, passing
-    `report` a row per epoch.
+    `report` a row per epoch, then `snapshot` the progress made (if given: its tensors are the
+    training's own, to be saved before it returns). With `resume`, go on from there (the epochs it
+    completed were reported before).
 
     A row holds the epoch, the mean loss and the accuracy on the batches it trained on
     ("train/loss", "train/accuracy") and the learning rate of its last step ("lr"). It starts with
@@ -198,6 +216,11 @@ def train(
     use_exact_products(params.arithmetic == "portable")
     shuffle = torch.Generator().manual_seed(params.seed)
     augmentation = Augmentation(augment, params.seed, device)
+    if resume:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        shuffle.set_state(resume.shuffle)
+        augmentation.generator.set_state(resume.augmentation)
     replica = model if world == 1 else DistributedDataParallel(model)  # its backward averages the gradients
     # Threads fitted to the cores other programs leave free, where the count changes no bit: in the
     # portable arithmetic, with train.num_threads 0 (all cores), in one process on the CPU.
@@ -208,21 +231,32 @@ def train(
     started = time.perf_counter()
     if free_cores:
         fit_threads(free_cores, most_threads, None)
-    # The untrained model's loss: rank 0 reports it, and every rank measures a runaway loss by rank 0's.
-    initial = evaluate(model, images[:INITIAL_SAMPLE], labels[:INITIAL_SAMPLE])
-    untrained = torch.tensor(initial.loss, dtype=torch.float64, device=device)
-    if world > 1:
-        torch.distributed.broadcast(untrained, 0)
-    untrained_loss = untrained.item()
-    if lead:
-        report({"epoch": 0, "train/loss": initial.loss, "train/accuracy": initial.accuracy, "lr": optimizer.lr()})
+    if resume:
+        untrained_loss = resume.untrained_loss
+    else:  # rank 0 reports the untrained model's loss, and every rank measures a runaway loss by rank 0's
+        initial = evaluate(model, images[:INITIAL_SAMPLE], labels[:INITIAL_SAMPLE])
+        untrained = torch.tensor(initial.loss, dtype=torch.float64, device=device)
+        if world > 1:
+            torch.distributed.broadcast(untrained, 0)
+        untrained_loss = untrained.item()
+        if lead:
+            row = {"epoch": 0, "train/loss": initial.loss, "train/accuracy": initial.accuracy, "lr": optimizer.lr()}
+            report(row)
+    first_epoch = resume.epoch + 1 if resume else 1
     reporting = time.perf_counter() - started
+    saving = 0.0
     # A terminal redraws the bar in place; a log (dvc queue logs, CI) keeps every redraw: there, one every 30 s.
     redraw = 0.1 if sys.stderr.isatty() else 30.0
     with tqdm(
-        total=params.epochs * n, unit="img", unit_scale=True, desc="train", disable=not lead, mininterval=redraw
+        total=params.epochs * n,
+        initial=(first_epoch - 1) * n,
+        unit="img",
+        unit_scale=True,
+        desc="train",
+        disable=not lead,
+        mininterval=redraw,
     ) as progress:
-        for epoch in range(1, params.epochs + 1):
+        for epoch in range(first_epoch, params.epochs + 1):
             start = time.perf_counter()
             # Shuffled on the CPU so that every device sees the same order.
             order = torch.randperm(n, generator=shuffle).to(device)
@@ -278,15 +312,23 @@ def train(
                 f"accuracy {row['train/accuracy']:.4f}, {trained - start:.1f} s"
             )
             report(row)
-            reporting += time.perf_counter() - trained
-    seconds = time.perf_counter() - started - reporting
+            reported = time.perf_counter()
+            reporting += reported - trained
+            if snapshot:
+                shuffled, deformed = shuffle.get_state(), augmentation.generator.get_state()
+                state = (model.state_dict(), optimizer.state_dict(), shuffled, deformed, untrained_loss)
+                snapshot(Progress(epoch, *state))
+                saving += time.perf_counter() - reported
+    seconds = time.perf_counter() - started - reporting - saving
     if free_cores:  # the caller's count again, for what it runs next
         torch.set_num_threads(most_threads)
     if lead:
         processes = f" on {world} processes" if world > 1 else ""
+        epochs = params.epochs - first_epoch + 1
         print(
-            f"trained {counted(params.epochs, 'epoch')}{processes} in {seconds:.2f} s "
-            f"({params.epochs * n / seconds:,.0f} img/s), plus {reporting:.2f} s of per-epoch evaluation"
+            f"trained {counted(epochs, 'epoch')}{processes} in {seconds:.2f} s "
+            f"({epochs * n / seconds:,.0f} img/s), plus {reporting:.2f} s of per-epoch evaluation"
+            + (f" and {saving:.2f} s saving its state (to resume from)" if snapshot else "")
         )
     model.eval()
 

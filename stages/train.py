@@ -5,6 +5,7 @@ import dataclasses
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from mnist_pipeline.data import load_mnist, to_tensors
 from mnist_pipeline.model import MLP, save_checkpoint
 from mnist_pipeline.params import AugmentParams, ModelParams, TrainParams, load_params
 from mnist_pipeline.pictures import digits_grid, write_gif
+from mnist_pipeline.resume import load_state, project_sources, save_state, state_path
 from mnist_pipeline.shipped import evaluate_shipped
 from mnist_pipeline.stage import counted, is_rank, run_stage
-from mnist_pipeline.training import check_model_fits, configure_device, select_device, train
+from mnist_pipeline.training import Progress, check_model_fits, configure_device, select_device, train
 
 
 def main(params: Path, data: Path, checkpoint: Path, live: Path, augmented: Path) -> None:
@@ -42,19 +44,35 @@ def main(params: Path, data: Path, checkpoint: Path, live: Path, augmented: Path
     with group as device:  # a rank's own device: its own GPU on CUDA
         configure_device(train_params, device)
         start = time.perf_counter()
-        images, labels = to_tensors(*load_mnist(data, "train"), device)
-        test_images, test_labels = to_tensors(*load_mnist(data, "test"), device)
+        train_split, test_split = load_mnist(data, "train"), load_mnist(data, "test")
+        images, labels = to_tensors(*train_split, device)
+        test_images, test_labels = to_tensors(*test_split, device)
         torch.manual_seed(train_params.seed)  # initial weights, made on the CPU so every device starts alike
         model = MLP(model_params.hidden_sizes).to(device)
-        if distributed.rank_and_world()[0] == 0:
+        rank, world = distributed.rank_and_world()
+        # Rank 0 looks for the state that an interrupted run of this very training saved, and hands it on.
+        state = state_path(settings, [*train_split, *test_split], project_sources())
+        progress = load_state(state, live) if state and rank == 0 else None
+        if world > 1:
+            shared = [progress]
+            torch.distributed.broadcast_object_list(shared, 0)
+            progress = shared[0]
+        if rank == 0:
             seconds = time.perf_counter() - start
             print(f"loaded {len(images)} training and {len(test_images)} test images in {seconds:.2f} s")
-            log_training(model, images, labels, test_images, test_labels, train_params, augment_params, live)
+            if progress:
+                print(f"resuming after epoch {progress.epoch} of {train_params.epochs}: an interrupted run saved it")
+            snapshot = (lambda done: save_state(state, done, live)) if state else None
+            log_training(
+                model, images, labels, test_images, test_labels, train_params, augment_params, live, progress, snapshot
+            )
             trained_with = {**dataclasses.asdict(train_params), "augment": dataclasses.asdict(augment_params)}
             save_checkpoint(model.cpu(), trained_with, checkpoint)
             write_gif(digits_grid(examples(images, labels, augment_params, train_params.seed)), augmented)
+            if state:
+                state.unlink(missing_ok=True)  # the training has ended: nothing is left to resume
         else:  # the other ranks train alongside rank 0, which alone logs and writes
-            train(model, images, labels, train_params, augment_params, report=None)
+            train(model, images, labels, train_params, augment_params, report=None, resume=progress)
 
 
 def log_training(
@@ -66,8 +84,11 @@ def log_training(
     params: TrainParams,
     augment: AugmentParams,
     live: Path,
+    resume: Progress | None,
+    snapshot: Callable[[Progress], None] | None,
 ) -> None:
-    """Train, logging each epoch with DVCLive in `live`, which is removed if training does not finish."""
+    """Train, logging each epoch with DVCLive in `live`, which is removed if training does not finish; from
+    `resume` on, if given (its DVCLive files are in `live`), and passing `snapshot` each epoch's progress."""
     device = images.device
     # DVCLive writes live/metrics.json and a TSV per metric under live/plots/metrics after every
     # epoch, which is what `dvc exp show`, the VS Code extension and Studio follow while it trains.
@@ -76,7 +97,7 @@ def log_training(
     # were reserved by the launch, for all ranks at once.
     cores = nullcontext() if is_rank() else reserved_cores(cores_needed(device.type, torch.get_num_threads()))
     try:
-        with Live(str(live), save_dvc_exp=False, dvcyaml=None) as logger, cores:
+        with Live(str(live), save_dvc_exp=False, dvcyaml=None, resume=resume is not None) as logger, cores:
             processes = f" x {distributed.rank_and_world()[1]} processes" if is_rank() else ""
             threads = counted(torch.get_num_threads(), "thread")
             print(
@@ -91,6 +112,8 @@ def log_training(
                 params,
                 augment,
                 report=lambda row: log_epoch(logger, row, model, test_images, test_labels),
+                resume=resume,
+                snapshot=snapshot,
             )
     except BaseException:
         shutil.rmtree(live, ignore_errors=True)  # the log of a run that did not finish is not a result

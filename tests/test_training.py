@@ -4,6 +4,7 @@ import math
 import re
 import subprocess
 import sys
+from copy import deepcopy
 
 import pytest
 import torch
@@ -229,6 +230,32 @@ def test_a_loss_that_rises_and_falls_again_is_not_stopped():
     """The negative control: at a peak of 2 the loss climbs above the untrained model's, not far, and comes back."""
     losses = [row["train/loss"] for row in train_on_shuffled_labels(2.0, "portable")]
     assert len(losses) == 11 and max(losses) > losses[0] * 1.05 and losses[-1] < max(losses)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_training_resumed_from_an_epochs_progress_ends_where_the_uninterrupted_one_does(optimizer):
+    """The progress passed to snapshot after epoch 2 of 4, resumed in a new model and optimizer, gives the same
+    weights and rows, bit for bit (onecycle, label smoothing, deformations: every state the steps read)."""
+    images, labels = to_tensors(*synthetic_split(320, seed=0), torch.device("cpu"))
+    params = dataclasses.replace(
+        TRAIN_PARAMS, optimizer=optimizer, schedule="onecycle", label_smoothing=0.1, weight_decay=0.01, epochs=4
+    )
+    deformed = dataclasses.replace(NO_AUGMENTATION, rotation=10, elastic_alpha=8, elastic_sigma=3)
+
+    def fresh() -> MLP:
+        torch.manual_seed(1)
+        return MLP([32])
+
+    rows, saved = [], []
+    uninterrupted = fresh()
+    train(uninterrupted, images, labels, params, deformed, rows.append, snapshot=lambda p: saved.append(deepcopy(p)))
+    assert [progress.epoch for progress in saved] == [1, 2, 3, 4]
+    resumed_rows = []
+    resumed = fresh()
+    train(resumed, images, labels, params, deformed, resumed_rows.append, resume=saved[1])
+    assert resumed_rows == rows[3:]
+    for (name, weights), again in zip(uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(weights, again), name
 
 
 def test_a_model_too_big_for_the_device_is_refused_before_allocating():
