@@ -44,6 +44,7 @@ SLOWEST_MODULES = (
     "test_pipeline",
     "test_distributed",
     "test_faults",
+    "test_resume",
     "test_export",
 )
 
