@@ -105,16 +105,6 @@ def test_a_stage_stopped_by_sigterm_or_ctrl_c_says_so_and_leaves_nothing(downloa
     assert leftovers(project) == []
 
 
-def test_after_sigkill_the_next_repro_succeeds(downloaded):
-    project, mirror = downloaded
-    with training(project, epochs=100_000) as process:
-        process.kill()
-        process.communicate(timeout=COMMAND_TIMEOUT)
-    assert process.returncode == -signal.SIGKILL
-    run(project, "dvc", "repro", mirror=mirror)
-    assert "Data and pipelines are up to date." in run(project, "dvc", "status").stdout
-
-
 @pytest.mark.parametrize(
     ("section", "key", "value", "expected"),
     [

@@ -74,8 +74,9 @@ def test_a_training_killed_by_each_signal_in_turn_ends_with_the_bytes_of_an_unin
 
 
 def test_a_killed_dvc_exp_run_resumes_through_the_queue(project):
-    """`dvc exp run` killed as a closed laptop kills it, then queued: the queue's run, in a copy of the
-    workspace under .dvc/tmp/exps/, finds the state (under DVC_ROOT) and ends with the uninterrupted bytes."""
+    """`dvc exp run` killed as a closed laptop kills it (SIGKILL), then queued: the queue's run, in a copy of
+    the workspace under .dvc/tmp/exps/, finds the state (under DVC_ROOT) and ends with the uninterrupted
+    bytes, and DVC, killed mid-stage, sees a workspace up to date once the experiment is applied."""
     project, mirror, uninterrupted = project
     with started(project, ["dvc", "exp", "run"], until="epoch 2:", MNIST_MIRROR=mirror) as process:
         os.killpg(process.pid, signal.SIGKILL)
@@ -89,6 +90,7 @@ def test_a_killed_dvc_exp_run_resumes_through_the_queue(project):
     run(project, "dvc", "exp", "apply", "resumed")
     assert output_bytes(project) == uninterrupted
     assert not list((project / STATE_FOLDER).glob("*"))
+    assert "Data and pipelines are up to date." in run(project, "dvc", "status").stdout
 
 
 def test_a_state_belongs_to_its_params_data_and_code(tmp_path, monkeypatch):
