@@ -146,17 +146,17 @@ def stop_if_diverged(
     `steps_before`), hold a NaN or an infinity, or average more than RUNAWAY_FACTOR times
     `untrained_loss`, naming the first step that did; FailureReported instead if `reported_by_other`
     (a rank other than 0, which says it)."""
-    bad = ~torch.isfinite(losses)
-    runaway = not bad.any() and losses.mean().item() > RUNAWAY_FACTOR * untrained_loss
-    if runaway:
-        bad = losses > RUNAWAY_FACTOR * untrained_loss
-    diverged = torch.nonzero(bad)
-    if len(diverged) and reported_by_other:
+    values = losses.tolist()  # on the host, where their mean is Python's float arithmetic on any CPU
+    limit = RUNAWAY_FACTOR * untrained_loss
+    finite = all(map(math.isfinite, values))
+    runaway = finite and math.fsum(values) / len(values) > limit
+    diverged = [i for i, value in enumerate(values) if not math.isfinite(value) or (runaway and value > limit)]
+    if diverged and reported_by_other:
         raise FailureReported()
-    if len(diverged):
-        index = int(diverged[0])
-        lr = optimizer.lr_at(optimizer.steps_taken - len(losses) + index)
-        loss = f"{losses[index].item():g}"
+    if diverged:
+        index = diverged[0]
+        lr = optimizer.lr_at(optimizer.steps_taken - len(values) + index)
+        loss = f"{values[index]:g}"
         if runaway:
             loss += f", more than {RUNAWAY_FACTOR} times the untrained model's {untrained_loss:.4f}"
         raise PipelineError(

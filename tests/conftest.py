@@ -43,8 +43,8 @@ SLOWEST_MODULES = (
     "test_portable",
     "test_pipeline",
     "test_distributed",
-    "test_faults",
     "test_resume",
+    "test_faults",
     "test_export",
 )
 

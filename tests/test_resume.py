@@ -1,6 +1,6 @@
 """A training killed at any moment resumes from its last completed epoch when run again with the same
 params, and ends with the bytes of a training never interrupted: run as a user runs it, in a copy of
-the project on synthetic data, by the train stage's own command and through `dvc exp run` and the queue."""
+the project on synthetic data, by the train stage's own command and through `dvc exp run` (with --temp)."""
 
 import os
 import random
@@ -73,20 +73,18 @@ def test_a_training_killed_by_each_signal_in_turn_ends_with_the_bytes_of_an_unin
     assert not list((project / STATE_FOLDER).glob("*")), kills
 
 
-def test_a_killed_dvc_exp_run_resumes_through_the_queue(project):
-    """`dvc exp run` killed as a closed laptop kills it (SIGKILL), then queued: the queue's run, in a copy of
-    the workspace under .dvc/tmp/exps/, finds the state (under DVC_ROOT) and ends with the uninterrupted
-    bytes, and DVC, killed mid-stage, sees a workspace up to date once the experiment is applied."""
+def test_a_killed_dvc_exp_run_resumes_in_a_temporary_copy(project):
+    """`dvc exp run` killed as a closed laptop kills it (SIGKILL), then run again with --temp: in a copy of the
+    workspace under .dvc/tmp/exps/, as a queued one runs, it finds the state (under DVC_ROOT, which
+    tests/test_experiments.py shows a queued run gets too) and ends with the uninterrupted bytes; and DVC,
+    killed mid-stage, sees a workspace up to date once the experiment is applied."""
     project, mirror, uninterrupted = project
     with started(project, ["dvc", "exp", "run"], until="epoch 2:", MNIST_MIRROR=mirror) as process:
         os.killpg(process.pid, signal.SIGKILL)
     assert len(list((project / STATE_FOLDER).glob("*.pt"))) == 1
     run(project, "git", "checkout", "--", ".")  # what DVC removed before the train stage ran
-    run(project, "dvc", "exp", "run", "--queue", "-n", "resumed")
-    run(project, "dvc", "queue", "start", mirror=mirror)
-    logs = run(project, "dvc", "queue", "logs", "--follow", "resumed").stdout  # returns when it ends
-    run(project, "dvc", "queue", "stop", check=False)
-    assert "resuming after epoch " in logs
+    result = run(project, "dvc", "exp", "run", "--temp", "-n", "resumed", mirror=mirror)
+    assert "resuming after epoch " in result.stdout
     run(project, "dvc", "exp", "apply", "resumed")
     assert output_bytes(project) == uninterrupted
     assert not list((project / STATE_FOLDER).glob("*"))
