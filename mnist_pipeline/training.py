@@ -175,7 +175,6 @@ class Progress:
     optimizer: dict  # Optimizer.state_dict()
     shuffle: torch.Tensor  # the shuffling generator's state
     augmentation: torch.Tensor  # the deformations' generator's state
-    untrained_loss: float  # the measure of a runaway loss (stop_if_diverged)
 
 
 @interruptions_deferred()  # a stage's SIGINT or SIGTERM stops it between two steps (see stage.py)
@@ -216,11 +215,6 @@ def train(
     use_exact_products(params.arithmetic == "portable")
     shuffle = torch.Generator().manual_seed(params.seed)
     augmentation = Augmentation(augment, params.seed, device)
-    if resume:
-        model.load_state_dict(resume.model)
-        optimizer.load_state_dict(resume.optimizer)
-        shuffle.set_state(resume.shuffle)
-        augmentation.generator.set_state(resume.augmentation)
     replica = model if world == 1 else DistributedDataParallel(model)  # its backward averages the gradients
     # Threads fitted to the cores other programs leave free, where the count changes no bit: in the
     # portable arithmetic, with train.num_threads 0 (all cores), in one process on the CPU.
@@ -231,17 +225,20 @@ def train(
     started = time.perf_counter()
     if free_cores:
         fit_threads(free_cores, most_threads, None)
+    # The untrained model's loss, the measure of a runaway one (also on resuming, from the same initial
+    # weights): rank 0 reports it, and every rank goes by rank 0's.
+    initial = evaluate(model, images[:INITIAL_SAMPLE], labels[:INITIAL_SAMPLE])
+    untrained = torch.tensor(initial.loss, dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.broadcast(untrained, 0)
+    untrained_loss = untrained.item()
     if resume:
-        untrained_loss = resume.untrained_loss
-    else:  # rank 0 reports the untrained model's loss, and every rank measures a runaway loss by rank 0's
-        initial = evaluate(model, images[:INITIAL_SAMPLE], labels[:INITIAL_SAMPLE])
-        untrained = torch.tensor(initial.loss, dtype=torch.float64, device=device)
-        if world > 1:
-            torch.distributed.broadcast(untrained, 0)
-        untrained_loss = untrained.item()
-        if lead:
-            row = {"epoch": 0, "train/loss": initial.loss, "train/accuracy": initial.accuracy, "lr": optimizer.lr()}
-            report(row)
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        shuffle.set_state(resume.shuffle)
+        augmentation.generator.set_state(resume.augmentation)
+    elif lead:
+        report({"epoch": 0, "train/loss": initial.loss, "train/accuracy": initial.accuracy, "lr": optimizer.lr()})
     first_epoch = resume.epoch + 1 if resume else 1
     reporting = time.perf_counter() - started
     saving = 0.0
@@ -316,8 +313,7 @@ def train(
             reporting += reported - trained
             if snapshot:
                 shuffled, deformed = shuffle.get_state(), augmentation.generator.get_state()
-                state = (model.state_dict(), optimizer.state_dict(), shuffled, deformed, untrained_loss)
-                snapshot(Progress(epoch, *state))
+                snapshot(Progress(epoch, model.state_dict(), optimizer.state_dict(), shuffled, deformed))
                 saving += time.perf_counter() - reported
     seconds = time.perf_counter() - started - reporting - saving
     if free_cores:  # the caller's count again, for what it runs next

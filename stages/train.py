@@ -51,8 +51,8 @@ def main(params: Path, data: Path, checkpoint: Path, live: Path, augmented: Path
         model = MLP(model_params.hidden_sizes).to(device)
         rank, world = distributed.rank_and_world()
         # Rank 0 looks for the state that an interrupted run of this very training saved, and hands it on.
-        state = state_path(settings, [*train_split, *test_split], project_sources())
-        progress = load_state(state, live) if state and rank == 0 else None
+        state = state_path(settings, [*train_split, *test_split], project_sources()) if rank == 0 else None
+        progress = load_state(state, live) if state else None
         if world > 1:
             shared = [progress]
             torch.distributed.broadcast_object_list(shared, 0)

@@ -4,7 +4,6 @@ the project on synthetic data, by the train stage's own command and through `dvc
 
 import os
 import random
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from conftest import COMMAND_TIMEOUT, copy_project, run, set_params, stage_command, started
 
 from mnist_pipeline.resume import STATE_FOLDER, state_path
+from mnist_pipeline.stage import remove_output
 
 EPOCHS = 12  # of 10 steps each: a tenth of a second or so here
 OUTPUTS = ("models/checkpoint.pt", "metrics/augmented.gif", "metrics/train")
@@ -28,8 +28,7 @@ def output_bytes(project: Path) -> dict[str, bytes]:
 
 def remove_outputs(project: Path) -> None:
     for output in OUTPUTS:
-        path = project / output
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        remove_output(project / output)
 
 
 @pytest.fixture(scope="module")
