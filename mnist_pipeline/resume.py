@@ -66,3 +66,10 @@ def load_state(path: Path, live: Path) -> Progress | None:
         (live / name).parent.mkdir(parents=True, exist_ok=True)
         (live / name).write_bytes(content.numpy().tobytes())
     return progress
+
+
+def discard_state(path: Path) -> None:
+    """Remove the state at `path`, and the temporary file that a run killed while writing it leaves beside it
+    (see atomic_output)."""
+    for file in [path, *path.parent.glob(f".{path.name}.*.tmp")]:
+        file.unlink(missing_ok=True)

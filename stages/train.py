@@ -20,7 +20,7 @@ from mnist_pipeline.data import load_mnist, to_tensors
 from mnist_pipeline.model import MLP, save_checkpoint
 from mnist_pipeline.params import AugmentParams, ModelParams, TrainParams, load_params
 from mnist_pipeline.pictures import digits_grid, write_gif
-from mnist_pipeline.resume import load_state, project_sources, save_state, state_path
+from mnist_pipeline.resume import discard_state, load_state, project_sources, save_state, state_path
 from mnist_pipeline.shipped import evaluate_shipped
 from mnist_pipeline.stage import counted, is_rank, run_stage
 from mnist_pipeline.training import Progress, check_model_fits, configure_device, select_device, train
@@ -70,7 +70,7 @@ def main(params: Path, data: Path, checkpoint: Path, live: Path, augmented: Path
             save_checkpoint(model.cpu(), trained_with, checkpoint)
             write_gif(digits_grid(examples(images, labels, augment_params, train_params.seed)), augmented)
             if state:
-                state.unlink(missing_ok=True)  # the training has ended: nothing is left to resume
+                discard_state(state)  # the training has ended: nothing is left to resume
         else:  # the other ranks train alongside rank 0, which alone logs and writes
             train(model, images, labels, train_params, augment_params, report=None, resume=progress)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import COMMAND_TIMEOUT, copy_project, run, set_params, stage_command, started
 
-from mnist_pipeline.resume import STATE_FOLDER, state_path
+from mnist_pipeline.resume import STATE_FOLDER, discard_state, state_path
 from mnist_pipeline.stage import remove_output
 
 EPOCHS = 12  # of 10 steps each: a tenth of a second or so here
@@ -107,3 +107,14 @@ def test_a_state_belongs_to_its_params_data_and_code(tmp_path, monkeypatch):
     assert len({path, *others}) == 4
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "elsewhere"))  # not a DVC project: nothing is saved
     assert state_path("params", data, code) is None
+
+
+def test_an_ended_training_leaves_no_temporary_of_its_state(tmp_path):
+    """A run killed while it wrote its state leaves atomic_output's temporary beside it: discarding the state
+    removes that too, and nothing of another training's."""
+    state = tmp_path / "abc.pt"
+    others = [tmp_path / "other.pt", tmp_path / ".other.pt.7.tmp"]
+    for path in [state, tmp_path / ".abc.pt.12345.tmp", *others]:
+        path.write_bytes(b"x")
+    discard_state(state)
+    assert sorted(tmp_path.iterdir()) == sorted(others)
