@@ -198,7 +198,13 @@ def process_group(params: TrainParams, device: torch.device, settings: str) -> I
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    store = attempt_store()
+    if store is None:
+        torch.distributed.init_process_group(backend)
+    else:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world)
     digest = int.from_bytes(hashlib.sha256(settings.encode()).digest()[:7], "big")
     extremes = torch.tensor([digest, -digest], device=device)
     torch.distributed.all_reduce(extremes, torch.distributed.ReduceOp.MAX)
@@ -222,6 +228,19 @@ def process_group(params: TrainParams, device: torch.device, settings: str) -> I
             raise PipelineError(f"lost the other ranks ({reason})") from None
         raise
     torch.distributed.destroy_process_group()
+
+
+def attempt_store() -> torch.distributed.Store | None:
+    """torchrun's store, with keys of this attempt's own; None where torchrun's agent does not serve one.
+
+    torchrun keeps its store through the restarts that --max-restarts allows, so the ranks of a restart
+    would find the addresses that the ranks before them left there, and gloo would connect to a dead
+    rank (measured: "connectFullMesh failed ... Connection refused" in 1 restart of 2).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    return torch.distributed.PrefixStore(f"attempt {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def die_with_launcher() -> None:

@@ -15,8 +15,12 @@ Each operand is rounded as a whole: a weight, a gradient, a batch of inputs (whi
 grid, as in dynamic quantization, and keep exact the weights' gradients, which sum over the
 batch). 8 significant bits below the largest magnitude, as bf16 keeps 8, but the sums are exact
 where bf16's are not: every recipe's accuracy stays within the spread of its seeds
-(docs/performance.md). The model that ships rounds each image's inputs to a grid of its own
-instead, so that an image's outputs do not depend on its batch (shipped.py). The cost over
+(docs/performance.md). In a distributed training each rank holds a share of the batch and rounds
+it to the whole batch's grid (grids_of_the_whole_batch: one small all-reduce per operand): its
+rows are then one process's, and its weight gradients exact parts of one process's, which
+DistributedDataParallel adds up exactly (docs/scaling.md). The model that ships rounds each
+image's inputs to a grid of its own instead, so that an image's outputs do not depend on its
+batch (shipped.py). The cost over
 torch's own products is the rounding, three element-wise passes per operand, and Python's
 dispatch: `make bench` measures it against train.arithmetic: native.
 
@@ -35,6 +39,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.distributed
 from torch.nn import functional as F
 
 from mnist_pipeline.numerics import KERNELS, X86_64
@@ -51,17 +56,44 @@ ROUNDING_SHIFT = 1.5 * 2.0**23
 SMALLEST_EXPONENT = -40
 
 
-def on_grid(t: torch.Tensor) -> tuple[torch.Tensor, float]:
+def on_grid(t: torch.Tensor, whole_batch: bool = False) -> tuple[torch.Tensor, float]:
     """(rounded, unit): float32 `t` rounded as a whole to multiples of a power of two `unit`, below
-    2**GRID_BITS units in magnitude (all NaN if `t` holds a NaN or an infinity)."""
-    if not t.numel():  # a process's share of a batch may be empty
-        return t, 1.0
-    low, high = (bound.item() for bound in torch.aminmax(t))
-    if not (math.isfinite(low) and math.isfinite(high)):
+    2**GRID_BITS units in magnitude (all NaN if `t` holds a NaN or an infinity). `whole_batch`: `t`
+    is a rank's rows of a batch, rounded, inside grids_of_the_whole_batch, to the grid of every rank's."""
+    low, high = (bound.item() for bound in torch.aminmax(t)) if t.numel() else (0.0, 0.0)  # a share may be empty
+    largest = max(-low, high) if math.isfinite(low) and math.isfinite(high) else math.inf
+    if whole_batch and _whole_batch:
+        largest = largest_of_every_rank(largest, t.device)
+    if not math.isfinite(largest):
         return torch.full_like(t, math.nan), math.nan
-    exponent = max(math.frexp(max(-low, high))[1], SMALLEST_EXPONENT + 1)  # |t| < 2**exponent
+    exponent = max(math.frexp(largest)[1], SMALLEST_EXPONENT + 1)  # |t| < 2**exponent
     shift = rounding_shift(exponent - GRID_BITS, t.device)
     return t.add(shift).sub_(shift), 2.0 ** (exponent - GRID_BITS)
+
+
+def largest_of_every_rank(largest: float, device: torch.device) -> float:
+    """The largest of every rank's `largest` (an infinity if any is one)."""
+    value = torch.tensor([largest], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(value, torch.distributed.ReduceOp.MAX)
+    return value.item()
+
+
+# Whether the ranks of a distributed training round their shares of a batch to the whole batch's grid.
+_whole_batch = False
+
+
+@contextmanager
+def grids_of_the_whole_batch(ranks: bool) -> Iterator[None]:
+    """Inside the block, if `ranks` (this process is a rank of a distributed training), ExactLinear
+    rounds its input and its output's gradient, this rank's rows of a batch, to the grid that the whole
+    batch sets: every rank takes part in an all-reduce for each. For a training step's forward and
+    backward passes only: a pass of one rank alone (rank 0's evaluation) would wait for the others."""
+    global _whole_batch
+    was, _whole_batch = _whole_batch, ranks
+    try:
+        yield
+    finally:
+        _whole_batch = was
 
 
 @functools.cache
@@ -125,7 +157,7 @@ class ExactLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x_grid, _ = on_grid(x)
+        x_grid, _ = on_grid(x, whole_batch=True)
         weight_grid, _ = on_grid(weight)
         ctx.save_for_backward(x_grid, weight_grid)
         y = grid_product(x_grid, weight_grid.T)  # exact_matmul(x, weight.T)
@@ -134,7 +166,7 @@ class ExactLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_grid, weight_grid = ctx.saved_tensors
-        grad_grid, _ = on_grid(grad)
+        grad_grid, _ = on_grid(grad, whole_batch=True)
         grad_x = grid_product(grad_grid, weight_grid) if ctx.needs_input_grad[0] else None
         grad_weight = grid_product(grad_grid.T, x_grid) if ctx.needs_input_grad[1] else None
         grad_bias = grid_column_sums(grad_grid) if ctx.needs_input_grad[2] else None

@@ -2,7 +2,7 @@
 
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,17 @@ class TrainParams:
     num_threads: int
     nproc: int
     nnodes: int
+
+    def determining(self) -> dict[str, Any]:
+        """The params that decide the trained weights' bits, which the checkpoint and the model card record:
+        all of them but, in the portable arithmetic, RUN_SETTINGS."""
+        values = asdict(self)
+        return {k: v for k, v in values.items() if self.arithmetic != "portable" or k not in RUN_SETTINGS}
+
+
+# How a training is spread over the machine's threads, processes and machines: in the portable arithmetic
+# they change no bit of the result (docs/scaling.md). They stay params, which DVC hashes, for the native one.
+RUN_SETTINGS = ("num_threads", "nproc", "nnodes")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from mnist_pipeline.augment import Augmentation
 from mnist_pipeline.cores import FreeCores
 from mnist_pipeline.data import scale_pixels
 from mnist_pipeline.distributed import rank_and_world
-from mnist_pipeline.exact import check_portable_kernels, use_exact_products
+from mnist_pipeline.exact import check_portable_kernels, grids_of_the_whole_batch, use_exact_products
 from mnist_pipeline.metrics import evaluate
 from mnist_pipeline.model import MLP
 from mnist_pipeline.optim import Optimizer
@@ -200,9 +200,10 @@ def train(
 
     In a distributed training (see distributed.py) every rank calls this with the whole dataset
     and the same seed, so all draw the same shuffled order; each takes every world-th image of
-    each batch, and DistributedDataParallel averages the ranks' gradients. The batch, and so the
-    optimisation, is the same at any process count. Rank 0 alone reports (the others pass
-    None) and shows progress.
+    each batch, rounds it to the whole batch's grids, and DistributedDataParallel averages the
+    ranks' gradients: with a power-of-two process count and a batch of at most 256 images that
+    each count divides, the same bits as one process (docs/scaling.md). Rank 0 alone reports
+    (the others pass None) and shows progress.
     """
     rank, world = rank_and_world()
     lead = report is not None  # rank 0, or the only process
@@ -262,6 +263,7 @@ def train(
             # Each step's loss stays on the device until the next readout, which stops a diverged
             # training at the step where it went wrong, with no host synchronisation per step.
             step_losses = torch.empty(steps_per_epoch, device=device)
+            shares = []  # a rank's logits of each batch since the last readout, with the batch
             checked = 0
             for step, first in enumerate(range(0, n, params.batch_size), start=1):
                 interruption_point()
@@ -270,30 +272,37 @@ def train(
                 # index_select copies whole rows; images[batch] goes element by element, 7-26x slower.
                 x, y = scale_pixels(images.index_select(0, mine)), labels.index_select(0, mine)
                 x = augmentation(x, len(batch), share=slice(rank, None, world))
-                with autocast:
-                    logits = replica(x)
-                    loss = batch_loss(logits, y, len(batch), world, params.label_smoothing)
-                optimizer.zero_grad()
-                loss.backward()
+                with grids_of_the_whole_batch(world > 1):
+                    with autocast:
+                        logits = replica(x)
+                        loss = batch_loss(logits, y, len(batch), world, params.label_smoothing)
+                    optimizer.zero_grad()
+                    loss.backward()
                 optimizer.step()
                 # Running totals stay on the device: no host synchronisation per step.
-                step_losses[step - 1] = loss.detach()
-                loss_sum += loss.detach() * (len(batch) / world)
+                if world == 1:
+                    step_losses[step - 1] = loss.detach()
+                    loss_sum += loss.detach() * len(batch)
+                else:  # a rank's loss is its share's: the batch's comes at the readout
+                    shares.append((logits.detach(), batch))
                 correct += (logits.argmax(1) == y).sum()
                 progress.update(len(batch))
                 if step % PROGRESS_EVERY == 0 or step == steps_per_epoch:
+                    if world > 1:  # every rank gets the same losses: all stop at the same step, and rank 0 says why
+                        batches = [batch for _, batch in shares]
+                        for index, whole in enumerate(whole_batch_losses(shares, labels, params)):
+                            step_losses[checked + index] = whole
+                            loss_sum += whole * len(batches[index])
+                        shares.clear()
                     losses = step_losses[checked:step]
-                    if world > 1:  # the ranks' shares added up: all stop at the same step, and rank 0 says why
-                        torch.distributed.all_reduce(losses)
-                        losses = losses / world
                     stop_if_diverged(losses, epoch, checked, optimizer, untrained_loss, reported_by_other=not lead)
                     checked = step
                 if lead and step % PROGRESS_EVERY == 0:
-                    progress.set_postfix(epoch=f"{epoch}/{params.epochs}", loss=f"{loss.item():.4f}", refresh=False)
+                    loss_now = step_losses[step - 1].item()
+                    progress.set_postfix(epoch=f"{epoch}/{params.epochs}", loss=f"{loss_now:.4f}", refresh=False)
                 if free_cores and step % THREADS_EVERY == 0:
                     fit_threads(free_cores, most_threads, progress)
             if world > 1:
-                torch.distributed.all_reduce(loss_sum)
                 torch.distributed.all_reduce(correct)
             if not lead:
                 continue
@@ -342,6 +351,30 @@ def fit_threads(free_cores: FreeCores, most: int, progress: tqdm | None) -> None
         (progress or tqdm).write(
             f"{counted(threads, 'thread')} from here: other processes keep {busy:.1f} of {cores} busy"
         )
+
+
+def whole_batch_losses(
+    shares: list[tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor, params: TrainParams
+) -> list[torch.Tensor]:
+    """Each batch's mean loss as one process computes it, from the whole batch's logits: this rank's
+    `shares` (its logits of each batch, with the batch) and every other rank's, gathered. The same
+    on every rank, and the same bits as in one process."""
+    world = torch.distributed.get_world_size()
+    # Each share padded to the rows of the batch's largest, since all_gather takes tensors of one shape.
+    largest = [-(-len(batch) // world) for _, batch in shares]
+    mine = torch.cat(
+        [F.pad(logits.float(), (0, 0, 0, largest[i] - len(logits))) for i, (logits, _) in enumerate(shares)]
+    )
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(gathered, mine)
+    losses, first = [], 0
+    for i, (logits, batch) in enumerate(shares):
+        whole = mine.new_empty(len(batch), logits.shape[1])
+        for rank, theirs in enumerate(gathered):
+            whole[rank::world] = theirs[first : first + len(range(rank, len(batch), world))]
+        first += largest[i]
+        losses.append(F.cross_entropy(whole, labels.index_select(0, batch), label_smoothing=params.label_smoothing))
+    return losses
 
 
 def batch_loss(

@@ -66,7 +66,7 @@ def main(params: Path, data: Path, checkpoint: Path, live: Path, augmented: Path
             log_training(
                 model, images, labels, test_images, test_labels, train_params, augment_params, live, progress, snapshot
             )
-            trained_with = {**dataclasses.asdict(train_params), "augment": dataclasses.asdict(augment_params)}
+            trained_with = {**train_params.determining(), "augment": dataclasses.asdict(augment_params)}
             save_checkpoint(model.cpu(), trained_with, checkpoint)
             write_gif(digits_grid(examples(images, labels, augment_params, train_params.seed)), augmented)
             if state:
