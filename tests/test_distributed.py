@@ -293,6 +293,7 @@ def small_training(report_rows: bool) -> dict[str, torch.Tensor]:
 def rank_of_small_training(rank: int, store: str, saved: str) -> None:
     """A rank of 2 in a process of its own: small_training as the project runs it, then with each rank
     rounding its share of a batch to grids of its own (as before whole-batch grids); rank 0 saves both."""
+    torch.set_num_threads(1)  # a core each, as torchrun gives them (two ranks of 2 threads each on 2 cores crawl)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     whole_batch = small_training(rank == 0)
     training_module.grids_of_the_whole_batch = lambda ranks: nullcontext()
