@@ -201,9 +201,9 @@ def train(
     In a distributed training (see distributed.py) every rank calls this with the whole dataset
     and the same seed, so all draw the same shuffled order; each takes every world-th image of
     each batch, rounds it to the whole batch's grids, and DistributedDataParallel averages the
-    ranks' gradients: with a power-of-two process count and a batch of at most 256 images that
-    each count divides, the same bits as one process (docs/scaling.md). Rank 0 alone reports
-    (the others pass None) and shows progress.
+    ranks' gradients: with a power-of-two process count and a batch of at most 256 images, split
+    evenly or not, the same bits as one process (docs/scaling.md). Rank 0 alone reports (the
+    others pass None) and shows progress.
     """
     rank, world = rank_and_world()
     lead = report is not None  # rank 0, or the only process
