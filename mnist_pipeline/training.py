@@ -261,9 +261,9 @@ def train(
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
             # Each step's loss stays on the device until the next readout, which stops a diverged
-            # training at the step where it went wrong, with no host synchronisation per step.
-            step_losses = torch.empty(steps_per_epoch, device=device)
-            shares = []  # a rank's logits of each batch since the last readout, with the batch
+            # training at the step where it went wrong, with no host synchronisation per step. A rank
+            # keeps its logits instead: its loss is its share's, and the batch's comes at the readout.
+            pending = []  # (the step's loss, or a rank's logits, and the batch) since the last readout
             checked = 0
             for step, first in enumerate(range(0, n, params.batch_size), start=1):
                 interruption_point()
@@ -279,27 +279,23 @@ def train(
                     optimizer.zero_grad()
                     loss.backward()
                 optimizer.step()
-                # Running totals stay on the device: no host synchronisation per step.
-                if world == 1:
-                    step_losses[step - 1] = loss.detach()
-                    loss_sum += loss.detach() * len(batch)
-                else:  # a rank's loss is its share's: the batch's comes at the readout
-                    shares.append((logits.detach(), batch))
+                pending.append((loss.detach() if world == 1 else logits.detach(), batch))
                 correct += (logits.argmax(1) == y).sum()
                 progress.update(len(batch))
                 if step % PROGRESS_EVERY == 0 or step == steps_per_epoch:
-                    if world > 1:  # every rank gets the same losses: all stop at the same step, and rank 0 says why
-                        batches = [batch for _, batch in shares]
-                        for index, whole in enumerate(whole_batch_losses(shares, labels, params)):
-                            step_losses[checked + index] = whole
-                            loss_sum += whole * len(batches[index])
-                        shares.clear()
-                    losses = step_losses[checked:step]
-                    stop_if_diverged(losses, epoch, checked, optimizer, untrained_loss, reported_by_other=not lead)
+                    # The same losses on every rank: all stop at the same step, and rank 0 says why.
+                    losses = (
+                        [kept for kept, _ in pending] if world == 1 else whole_batch_losses(pending, labels, params)
+                    )
+                    for loss_of_batch, (_, taken) in zip(losses, pending, strict=True):
+                        loss_sum += loss_of_batch * len(taken)
+                    stop_if_diverged(torch.stack(losses), epoch, checked, optimizer, untrained_loss, not lead)
+                    pending.clear()
                     checked = step
                 if lead and step % PROGRESS_EVERY == 0:
-                    loss_now = step_losses[step - 1].item()
-                    progress.set_postfix(epoch=f"{epoch}/{params.epochs}", loss=f"{loss_now:.4f}", refresh=False)
+                    progress.set_postfix(
+                        epoch=f"{epoch}/{params.epochs}", loss=f"{losses[-1].item():.4f}", refresh=False
+                    )
                 if free_cores and step % THREADS_EVERY == 0:
                     fit_threads(free_cores, most_threads, progress)
             if world > 1:
