@@ -280,6 +280,13 @@ def training(project: Path, **params: object) -> Iterator[subprocess.Popen]:
         run(project, "git", "checkout", "--", "params.yaml")
 
 
+def train_output_bytes(project: Path) -> dict[str, bytes]:
+    """The train stage's outputs, DVCLive's files one by one, by path."""
+    files = [project / "models" / "checkpoint.pt", project / "metrics" / "augmented.gif"]
+    files += sorted((project / "metrics" / "train").rglob("*.*"))
+    return {str(file.relative_to(project)): file.read_bytes() for file in files}
+
+
 def export_files(model, directory: Path, images):
     """models/model.pt and model.pt2 of the MLP `model` in `directory`, written and checked as the export
     stage does, on uint8 `images` [N, 28, 28]; returns the logits they were checked to give: evaluate's,

@@ -25,6 +25,7 @@ from conftest import (
     stage_command,
     started,
     synthetic_split,
+    train_output_bytes,
     training,
     user_environment,
 )
@@ -70,19 +71,12 @@ def checkpoint(project: Path) -> dict:
     return torch.load(project / "models" / "checkpoint.pt", weights_only=True)
 
 
-def output_bytes(project: Path) -> dict[str, bytes]:
-    """The train stage's outputs, DVCLive's files one by one, by path."""
-    files = [project / "models" / "checkpoint.pt", project / "metrics" / "augmented.gif"]
-    files += sorted((project / "metrics" / "train").rglob("*.*"))
-    return {str(file.relative_to(project)): file.read_bytes() for file in files}
-
-
 def results_of(
     project: Path, result: subprocess.CompletedProcess
 ) -> tuple[dict, dict[str, bytes], str, subprocess.CompletedProcess]:
     """The checkpoint, the bytes of the outputs and the per-epoch loss table a run left, and the run."""
     steps = (project / "metrics" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
-    return checkpoint(project), output_bytes(project), steps, result
+    return checkpoint(project), train_output_bytes(project), steps, result
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +229,7 @@ def test_two_machines_of_two_processes_write_the_bytes_of_one_process(downloaded
         run(project, "git", "checkout", "--", "params.yaml")
     assert [node.returncode for node in nodes] == [0, 0], printed
     assert "training on cpu x 4 processes" in printed[0][0]
-    assert output_bytes(project) == one_process
+    assert train_output_bytes(project) == one_process
     assert not outputs.exists() and "training on" not in printed[1][0]
 
 
@@ -258,7 +252,7 @@ def test_ranks_that_torchrun_restarts_resume_from_the_last_epoch(downloaded):
     project, _ = downloaded
     epochs = 12  # of 10 steps each: the kill lands with epochs to spare
     train(project, nproc=1, epochs=epochs)
-    uninterrupted = output_bytes(project)
+    uninterrupted = train_output_bytes(project)
     set_params(project, nproc=2, epochs=epochs)
     torchrun = ["torchrun", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--module"]
     try:
@@ -270,7 +264,7 @@ def test_ranks_that_torchrun_restarts_resume_from_the_last_epoch(downloaded):
     assert process.returncode == 0, stderr
     [resumed] = [line for line in stdout.splitlines() if line.startswith("resuming after epoch ")]
     assert resumed.endswith(f" of {epochs}: an interrupted run saved it")
-    assert output_bytes(project) == uninterrupted
+    assert train_output_bytes(project) == uninterrupted
     assert not list((project / STATE_FOLDER).glob("*"))
 
 

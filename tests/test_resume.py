@@ -10,20 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import COMMAND_TIMEOUT, copy_project, run, set_params, stage_command, started
+from conftest import COMMAND_TIMEOUT, copy_project, run, set_params, stage_command, started, train_output_bytes
 
 from mnist_pipeline.resume import STATE_FOLDER, discard_state, state_path
 from mnist_pipeline.stage import remove_output
 
 EPOCHS = 12  # of 10 steps each: a tenth of a second or so here
 OUTPUTS = ("models/checkpoint.pt", "metrics/augmented.gif", "metrics/train")
-
-
-def output_bytes(project: Path) -> dict[str, bytes]:
-    """The train stage's outputs, DVCLive's files one by one, by path."""
-    files = [project / "models" / "checkpoint.pt", project / "metrics" / "augmented.gif"]
-    files += sorted((project / "metrics" / "train").rglob("*.*"))
-    return {str(file.relative_to(project)): file.read_bytes() for file in files}
 
 
 def remove_outputs(project: Path) -> None:
@@ -43,7 +36,7 @@ def project(tmp_path_factory, synthetic_mirror):
     run(project, "git", "add", "-A")
     run(project, "git", "commit", "-qm", "data")
     run(project, *stage_command(project, "train"))
-    uninterrupted = output_bytes(project)
+    uninterrupted = train_output_bytes(project)
     assert not list((project / STATE_FOLDER).glob("*")), "an ended training left its state behind"
     remove_outputs(project)
     return project, str(directory), uninterrupted
@@ -68,7 +61,7 @@ def test_a_training_killed_by_each_signal_in_turn_ends_with_the_bytes_of_an_unin
     result = run(project, *command)
     resumed = [line for line in result.stdout.splitlines() if line.startswith("resuming after epoch ")]
     assert len(resumed) == 1 and resumed[0].endswith(f" of {EPOCHS}: an interrupted run saved it"), kills
-    assert output_bytes(project) == uninterrupted, kills
+    assert train_output_bytes(project) == uninterrupted, kills
     assert not list((project / STATE_FOLDER).glob("*")), kills
 
 
@@ -85,7 +78,7 @@ def test_a_killed_dvc_exp_run_resumes_in_a_temporary_copy(project):
     result = run(project, "dvc", "exp", "run", "--temp", "-n", "resumed", mirror=mirror)
     assert "resuming after epoch " in result.stdout
     run(project, "dvc", "exp", "apply", "resumed")
-    assert output_bytes(project) == uninterrupted
+    assert train_output_bytes(project) == uninterrupted
     assert not list((project / STATE_FOLDER).glob("*"))
     assert "Data and pipelines are up to date." in run(project, "dvc", "status").stdout
 
