@@ -3,8 +3,8 @@
 With train.nproc above 1, the train stage launches itself through torch.distributed.run, the
 module behind the `torchrun` command: torchrun starts train.nproc workers on this machine, each
 running the same stage with RANK, WORLD_SIZE and LOCAL_RANK in its environment. Each worker joins
-the process group (gloo on the CPU, NCCL on CUDA with one GPU per rank) and trains a
-DistributedDataParallel copy of the model (see training.train). Rank 0 alone writes the outputs.
+the process group (gloo on the CPU, NCCL on CUDA with one GPU per rank), trains its share of each
+batch and averages its gradients with the other ranks' (see training.train). Rank 0 alone writes the outputs.
 
 Several machines: train.nnodes (a param, since the number of ranks changes the float sums and
 so the bytes of the result) and two settings of the environment, torchrun's own under our

@@ -18,7 +18,7 @@ where bf16's are not: every recipe's accuracy stays within the spread of its see
 (docs/performance.md). In a distributed training each rank holds a share of the batch and rounds
 it to the whole batch's grid (grids_of_the_whole_batch: one small all-reduce per operand): its
 rows are then one process's, and its weight gradients exact parts of one process's, which
-DistributedDataParallel adds up exactly (docs/scaling.md). The model that ships rounds each
+the ranks' all-reduce adds up exactly (docs/scaling.md). The model that ships rounds each
 image's inputs to a grid of its own instead, so that an image's outputs do not depend on its
 batch (shipped.py). The cost over
 torch's own products is the rounding, three element-wise passes per operand, and Python's

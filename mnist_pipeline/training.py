@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mnist_pipeline.augment import Augmentation
@@ -200,8 +199,8 @@ def train(
 
     In a distributed training (see distributed.py) every rank calls this with the whole dataset
     and the same seed, so all draw the same shuffled order; each takes every world-th image of
-    each batch, rounds it to the whole batch's grids, and DistributedDataParallel averages the
-    ranks' gradients: with a power-of-two process count and a batch of at most 256 images, split
+    each batch, rounds it to the whole batch's grids, and the ranks average their gradients
+    (average_gradients): with a power-of-two process count and a batch of at most 256 images, split
     evenly or not, the same bits as one process (docs/scaling.md). Rank 0 alone reports (the
     others pass None) and shows progress.
     """
@@ -216,7 +215,6 @@ def train(
     use_exact_products(params.arithmetic == "portable")
     shuffle = torch.Generator().manual_seed(params.seed)
     augmentation = Augmentation(augment, params.seed, device)
-    replica = model if world == 1 else DistributedDataParallel(model)  # its backward averages the gradients
     # Threads fitted to the cores other programs leave free, where the count changes no bit: in the
     # portable arithmetic, with train.num_threads 0 (all cores), in one process on the CPU.
     adapt = params.arithmetic == "portable" and params.num_threads == 0 and world == 1 and device.type == "cpu"
@@ -274,10 +272,12 @@ def train(
                 x = augmentation(x, len(batch), share=slice(rank, None, world))
                 with grids_of_the_whole_batch(world > 1):
                     with autocast:
-                        logits = replica(x)
+                        logits = model(x)
                         loss = batch_loss(logits, y, len(batch), world, params.label_smoothing)
                     optimizer.zero_grad()
                     loss.backward()
+                if world > 1:
+                    average_gradients(model, world)
                 optimizer.step()
                 pending.append((loss.detach() if world == 1 else logits.detach(), batch))
                 correct += (logits.argmax(1) == y).sum()
@@ -373,11 +373,22 @@ def whole_batch_losses(
     return losses
 
 
+def average_gradients(model: MLP, world: int) -> None:
+    """Replace each rank's gradients by their mean over the `world` ranks, as DistributedDataParallel would:
+    each divided by the rank count, then summed, in one all-reduce of them all. (Not DDP itself: its
+    constructor imports torch._dynamo, 1.1 s of CPU in every rank, for a model this small.)"""
+    gradients = [parameter.grad for parameter in model.parameters()]
+    flat = torch.cat([gradient.flatten() for gradient in gradients]).div_(world)
+    torch.distributed.all_reduce(flat)
+    for gradient, mean in zip(gradients, flat.split([gradient.numel() for gradient in gradients]), strict=True):
+        gradient.copy_(mean.view_as(gradient))
+
+
 def batch_loss(
     logits: torch.Tensor, labels: torch.Tensor, batch_size: int, world: int, label_smoothing: float
 ) -> torch.Tensor:
     """This process's share of the batch's mean cross-entropy, such that the mean over the `world`
-    processes (DDP averages their gradients) is the batch's mean: with the batch split evenly, as
+    processes (average_gradients) is the batch's mean: with the batch split evenly, as
     always in one process, the mean over the process's own images."""
     if len(labels) * world == batch_size:
         return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)

@@ -346,7 +346,7 @@ def test_bad_cluster_settings_name_the_variable(monkeypatch, environment, messag
 
 @pytest.mark.parametrize(("batch", "world"), [(5, 2), (7, 3), (2, 4)])
 def test_shares_of_an_unevenly_split_batch_average_to_the_batch_mean(batch, world):
-    """DDP averages the ranks' gradients: the shares (rank r takes every world-th image, some
+    """The ranks average their gradients: the shares (rank r takes every world-th image, some
     none) must average to the whole batch's mean loss, and so to its gradient."""
     torch.manual_seed(0)
     logits, labels = torch.randn(batch, 10), torch.randint(0, 10, (batch,))

@@ -88,10 +88,9 @@ def test_every_project_module_a_stage_imports_is_among_its_deps():
         )
 
 
-def test_each_stage_command_names_exactly_the_files_its_stage_declares(baseline):
-    project, _ = baseline
-    for name, stage in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].items():
-        named = {argument for argument in stage_command(project, name)[3:] if not argument.startswith("--")}
+def test_each_stage_command_names_exactly_the_files_its_stage_declares():
+    for name, stage in yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"].items():
+        named = {argument for argument in stage_command(PROJECT, name)[3:] if not argument.startswith("--")}
         outputs = {
             next(iter(out)) if isinstance(out, dict) else out
             for key in ("outs", "metrics", "plots")
@@ -142,13 +141,18 @@ def test_a_temp_experiment_runs_its_own_code_and_finds_a_relative_mirror(baselin
     assert clean(project)
 
 
+# Params of an experiment: 3 epochs, digits turned and deformed. The run-cache test runs it first, and the
+# S3 test then shares it, restored from the run-cache (as run anew when that test runs alone).
+DEFORMED_RUN = ("-S", "train.epochs=3", "-S", "augment.rotation=15", "-S", "augment.elastic_alpha=8")
+DEFORMED_RUN += ("-S", "augment.elastic_sigma=3")
+
+
 def test_known_params_are_restored_from_the_run_cache_without_running(baseline):
     project, _ = baseline
     outputs = ["models/checkpoint.pt", "models/model.pt", "models/model.pt2", "metrics/eval.json"]
     outputs.append("metrics/augmented.gif")
     committed = {path: (project / path).read_bytes() for path in outputs}
-    deformed = ("-S", "augment.rotation=15", "-S", "augment.elastic_alpha=8", "-S", "augment.elastic_sigma=3")
-    result = run(project, "dvc", "exp", "run", "-S", "train.epochs=3", *deformed)
+    result = run(project, "dvc", "exp", "run", *DEFORMED_RUN)
     assert result.stdout.count("Running stage") == 3
     changed = {path: (project / path).read_bytes() for path in outputs}
     assert changed["models/checkpoint.pt"] != committed["models/checkpoint.pt"]
@@ -162,7 +166,7 @@ def test_known_params_are_restored_from_the_run_cache_without_running(baseline):
     assert {path: (project / path).read_bytes() for path in outputs} == committed
     assert clean(project)
 
-    result = run(project, "dvc", "exp", "run", "-S", "train.epochs=3", *deformed)  # an experiment that ran before
+    result = run(project, "dvc", "exp", "run", *DEFORMED_RUN)  # an experiment that ran before
     assert "Running stage" not in result.stdout
     for stage in ("train", "evaluate", "export"):
         assert f"Stage '{stage}' is cached - skipping run" in result.stdout
@@ -219,12 +223,13 @@ def test_results_travel_through_an_s3_remote(baseline, s3_endpoint, tmp_path):
     for path in ("data/mnist/train-images-idx3-ubyte", "models/checkpoint.pt", "models/model.pt"):
         assert (clone / path).read_bytes() == (project / path).read_bytes()
 
-    run(project, "dvc", "exp", "run", "-S", "train.epochs=1", "-n", "shared")
+    run(project, "dvc", "exp", "run", *DEFORMED_RUN, "-n", "shared")
     shared = (project / "models" / "model.pt").read_bytes()
     run(project, "dvc", "exp", "push", str(origin), "shared")
     run(clone, "dvc", "exp", "pull", str(origin), "shared")
     shown = json.loads(run(clone, "dvc", "exp", "show", "--json").stdout)
     assert "shared" in json.dumps(shown)
+    assert (clone / "models" / "model.pt").read_bytes() != shared  # the baseline's, until the experiment is applied
     run(clone, "dvc", "exp", "apply", "shared")
     assert (clone / "models" / "model.pt").read_bytes() == shared
-    assert yaml.safe_load((clone / "params.yaml").read_text())["train"]["epochs"] == 1
+    assert yaml.safe_load((clone / "params.yaml").read_text())["train"]["epochs"] == 3
