@@ -93,9 +93,9 @@ def test_wrong_inputs_say_what_was_expected(scripted, images, message):
         scripted(images)
 
 
-def test_saved_bytes_carry_no_source_paths_and_do_not_change(shipped):
+def test_saved_bytes_carry_no_source_paths(shipped):
+    """(That they do not change with the hash seed of the process that writes them: test_pipeline.py.)"""
     first = torchscript_bytes(shipped)
-    assert first == torchscript_bytes(shipped)
     assert str(PROJECT).encode() not in first
     names = zipfile.ZipFile(io.BytesIO(first)).namelist()
     assert not any(name.endswith(".debug_pkl") for name in names)

@@ -85,6 +85,31 @@ def test_repro_writes_metrics_plots_and_models(built):
     ]
 
 
+# The TorchScript archive of the trained model, as the export stage makes it but for the pinned hash seed.
+UNPINNED_ARCHIVE = """
+import hashlib, pathlib
+from mnist_pipeline.export import torchscript_bytes
+from mnist_pipeline.model import load_checkpoint
+from mnist_pipeline.shipped import ShippedMLP
+model = load_checkpoint(pathlib.Path("models/checkpoint.pt")).model
+print(hashlib.sha256(torchscript_bytes(ShippedMLP(model))).hexdigest())
+"""
+
+
+def test_the_exported_files_do_not_change_with_the_hash_seed(built):
+    """TorchScript writes a module's constants in set order, which follows Python's string hashing, whose
+    seed is drawn anew in each process: the export stage pins it (PYTHONHASHSEED=0, by restarting
+    itself). dvc repro ran it with a seed of its own; run again with another, it writes the same bytes.
+    The negative control: the same archive written in two processes of other seeds differs."""
+    project, _, _ = built
+    files = ("model.pt", "model.pt2", "model.json")
+    shipped = {name: (project / "models" / name).read_bytes() for name in files}
+    run(project, *stage_command(project, "export"), PYTHONHASHSEED="1")
+    assert {name: (project / "models" / name).read_bytes() for name in files} == shipped
+    archives = {run(project, "python", "-c", UNPINNED_ARCHIVE, PYTHONHASHSEED=seed).stdout for seed in ("1", "2")}
+    assert len(archives) == 2
+
+
 def test_committed_lock_records_the_committed_code_and_params():
     """A change to a stage's code or params without `dvc repro` leaves the baseline unreproducible; say which file."""
     lock = yaml.safe_load((PROJECT / "dvc.lock").read_text())
