@@ -269,12 +269,13 @@ def started(project: Path, command: list[str], until: str, **variables: str) -> 
 
 
 @contextmanager
-def training(project: Path, **params: object) -> Iterator[subprocess.Popen]:
-    """The train stage's own command with these train params, yielded once it says it is training;
-    killed, with its ranks, when the block ends (see started), and params.yaml restored."""
+def training(project: Path, until: str = "training on", **params: object) -> Iterator[subprocess.Popen]:
+    """The train stage's own command with these train params, yielded once a line of its output starts
+    with `until` (by default, once it says it is training); killed, with its ranks, when the block ends
+    (see started), and params.yaml restored."""
     set_params(project, **params)
     try:
-        with started(project, stage_command(project, "train"), until="training on") as process:
+        with started(project, stage_command(project, "train"), until=until) as process:
             yield process
     finally:
         run(project, "git", "checkout", "--", "params.yaml")

@@ -7,6 +7,7 @@ line and a non-zero exit, leaves nothing half-written, and the next `dvc repro` 
 """
 
 import re
+import shutil
 import signal
 import subprocess
 import venv
@@ -15,6 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import COMMAND_TIMEOUT, bare_environment, copy_project, run, set_params, stage_command, training
+
+from mnist_pipeline.resume import STATE_FOLDER
+from mnist_pipeline.stage import remove_output
 
 OUTPUTS = (
     "models/checkpoint.pt",
@@ -91,18 +95,70 @@ def test_a_damaged_checkpoint_is_one_line_and_the_next_repro_mends_it(downloaded
     assert "Data and pipelines are up to date." in run(project, "dvc", "status").stdout
 
 
-@pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT])
-def test_a_stage_stopped_by_sigterm_or_ctrl_c_says_so_and_leaves_nothing(downloaded, sent):
+TRAIN_OUTPUTS = ("models/checkpoint.pt", "metrics/train", "metrics/augmented.gif")
+
+
+def train_outputs(project: Path) -> dict[str, object]:
+    """The train stage's outputs: a file's bytes, a folder's files' bytes by name, None where absent."""
+    outputs: dict[str, object] = {}
+    for name in TRAIN_OUTPUTS:
+        path = project / name
+        if path.is_dir():
+            outputs[name] = {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+        else:
+            outputs[name] = path.read_bytes() if path.exists() else None
+    return outputs
+
+
+def fresh_start(project: Path) -> None:
+    """No output and no saved state, as DVC leaves a stage that it is about to run again."""
+    for name in TRAIN_OUTPUTS:
+        remove_output(project / name)
+    shutil.rmtree(project / STATE_FOLDER, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(downloaded):
+    """The train stage's outputs from its own command with the committed params (2 epochs), not stopped."""
     project, _ = downloaded
-    (project / "models" / "checkpoint.pt").unlink(missing_ok=True)
-    with training(project, epochs=100_000) as process:
+    fresh_start(project)
+    run(project, *stage_command(project, "train"))
+    outputs = train_outputs(project)
+    assert all(outputs.values())
+    return outputs
+
+
+@pytest.mark.parametrize(
+    ("sent", "epochs", "until"),
+    [
+        (signal.SIGTERM, 100_000, "training on"),  # before the first step
+        (signal.SIGINT, 100_000, "training on"),
+        (signal.SIGTERM, 100_000, "epoch 1:"),  # DVCLive's files written and open, a state saved
+        (signal.SIGINT, 2, "trained "),  # training done: the outputs are being written
+    ],
+)
+def test_a_stage_stopped_by_sigterm_or_ctrl_c_says_so_and_leaves_nothing(
+    downloaded, uninterrupted, sent, epochs, until
+):
+    """Each output is whole or absent wherever the signal lands: before the first step, once an epoch is
+    logged, or while the outputs are written, where the stage may also have ended first (and whole)."""
+    project, _ = downloaded
+    fresh_start(project)
+    with training(project, until=until, epochs=epochs) as process:
         process.send_signal(sent)
         _, stderr = process.communicate(timeout=COMMAND_TIMEOUT)
+    outputs = train_outputs(project)
+    assert leftovers(project) == []
+    if process.returncode == 0:  # it wrote its last output before the signal came
+        assert until == "trained " and outputs == uninterrupted
+        return
     assert process.returncode == 128 + sent
     assert errors(stderr) == [] and "Traceback" not in stderr
     assert stderr.splitlines()[-1] == f"interrupted ({sent.name})"
-    assert not (project / "models" / "checkpoint.pt").exists()
-    assert leftovers(project) == []
+    if epochs == 2:
+        assert all(outputs[name] in (None, uninterrupted[name]) for name in TRAIN_OUTPUTS)
+    else:
+        assert outputs == dict.fromkeys(TRAIN_OUTPUTS)
 
 
 @pytest.mark.parametrize(
