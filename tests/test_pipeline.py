@@ -100,14 +100,14 @@ def test_the_exported_files_do_not_change_with_the_hash_seed(built):
     """TorchScript writes a module's constants in set order, which follows Python's string hashing, whose
     seed is drawn anew in each process: the export stage pins it (PYTHONHASHSEED=0, by restarting
     itself). dvc repro ran it with a seed of its own; run again with another, it writes the same bytes.
-    The negative control: the same archive written in two processes of other seeds differs."""
+    The negative control: the same archive written by a process of another seed than 0 differs."""
     project, _, _ = built
     files = ("model.pt", "model.pt2", "model.json")
     shipped = {name: (project / "models" / name).read_bytes() for name in files}
     run(project, *stage_command(project, "export"), PYTHONHASHSEED="1")
     assert {name: (project / "models" / name).read_bytes() for name in files} == shipped
-    archives = {run(project, "python", "-c", UNPINNED_ARCHIVE, PYTHONHASHSEED=seed).stdout for seed in ("1", "2")}
-    assert len(archives) == 2
+    unpinned = run(project, "python", "-c", UNPINNED_ARCHIVE, PYTHONHASHSEED="1").stdout.strip()
+    assert unpinned != hashlib.sha256(shipped["model.pt"]).hexdigest()
 
 
 def test_committed_lock_records_the_committed_code_and_params():
