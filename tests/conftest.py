@@ -35,10 +35,14 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 PROJECT = Path(__file__).resolve().parent.parent
 
 # `make test` runs the modules on two workers (pytest-xdist, a module to a worker, so that each
-# module's fixtures run once), which take them in the order collected (--no-loadscope-reorder): the
-# slowest first, so that they finish together instead of one waiting for the other's last long module.
+# module's fixtures run once), which take them in the order collected (--no-loadscope-reorder). First
+# the real data's module, whose baseline training is the longest run of the suite: the other worker
+# meanwhile takes the modules that compute in its own process, on one thread (below), which leave that
+# training a core of its own, instead of starting pipelines that would wait for its cores. Then the
+# slowest modules first, so that the workers finish together instead of one waiting for the other's
+# last long module.
+FIRST_MODULE = "test_real_mnist"
 SLOWEST_MODULES = (
-    "test_real_mnist",
     "test_experiments",
     "test_portable",
     "test_pipeline",
@@ -52,9 +56,22 @@ SLOWEST_MODULES = (
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
         name = item.path.stem
-        return SLOWEST_MODULES.index(name) if name in SLOWEST_MODULES else len(SLOWEST_MODULES)
+        if name == FIRST_MODULE:
+            return 0
+        return 2 + SLOWEST_MODULES.index(name) if name in SLOWEST_MODULES else 1
 
     items.sort(key=rank)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread() -> None:
+    """What the tests compute in this process, they compute on one thread: each of the two workers then
+    keeps to a core, and neither makes the other's OpenMP threads (or a pipeline's) wait at every
+    operation (see cores.py). A test that needs other counts sets them, and sets this one back.
+    (torch is imported here, in the workers alone, after pin_kernels().)"""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
