@@ -86,15 +86,18 @@ def interruptions_deferred() -> Iterator[None]:
     Raised between any two bytecodes, it can land inside the code of a library's threads and locks
     and break it: DVCLive's Live.end() then waits forever for a worker thread that never started
     or for a lock left held, and tqdm turns it into a RuntimeError that it catches, so training goes on.
-    (Only in a stage: elsewhere Python's own SIGINT handler raises it at once, as before.)
+    (Only in a stage: elsewhere Python's own SIGINT handler raises it at once, as before.) Within an
+    outer block, an inner one's end raises nothing: the outer block's end does.
     """
     global _deferring
+    outer = _deferring
     _deferring = True
     try:
         yield
     finally:
-        _deferring = False
-        interruption_point()
+        _deferring = outer
+        if not outer:
+            interruption_point()
 
 
 def interruption_point() -> None:

@@ -22,7 +22,7 @@ from mnist_pipeline.params import AugmentParams, ModelParams, TrainParams, load_
 from mnist_pipeline.pictures import digits_grid, write_gif
 from mnist_pipeline.resume import discard_state, load_state, project_sources, save_state, state_path
 from mnist_pipeline.shipped import evaluate_shipped
-from mnist_pipeline.stage import counted, is_rank, run_stage
+from mnist_pipeline.stage import counted, interruptions_deferred, is_rank, run_stage
 from mnist_pipeline.training import Progress, check_model_fits, configure_device, select_device, train
 
 
@@ -75,6 +75,10 @@ def main(params: Path, data: Path, checkpoint: Path, live: Path, augmented: Path
             train(model, images, labels, train_params, augment_params, report=None, resume=progress)
 
 
+# The whole of DVCLive's run, its start and end too, where a KeyboardInterrupt raised between two bytecodes
+# could break its threads (see interruptions_deferred): a signal stops the training at its next step, or
+# this function at its end, with DVCLive's files whole.
+@interruptions_deferred()
 def log_training(
     model: MLP,
     images: torch.Tensor,
