@@ -83,8 +83,9 @@ def write_report(folder: Path, base: str = "HEAD") -> list[Path]:
     """Every plot of `dvc plots diff` (the workspace against `base`) as an image, and README.md beside them.
 
     README.md holds the params and metrics that differ from `base` (`dvc params diff`, `dvc metrics
-    diff`), `dvc exp show --only-changed`, and the images: each curve with both revisions in one
-    chart, each picture once per revision, side by side. Returns the images written.
+    diff`), `dvc exp show --only-changed` of HEAD's and base's experiments, and the images: each curve
+    with both revisions in one chart, each picture once per revision, side by side. Returns the images
+    written.
     """
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -111,9 +112,12 @@ def write_report(folder: Path, base: str = "HEAD") -> list[Path]:
         "",
         dvc("metrics", "diff", base, "--md").strip() or "No metric changed.",
         "",
-        "## Experiments (`dvc exp show --only-changed`)",
+        f"## Experiments (`dvc exp show --only-changed`, from HEAD and {base})",
         "",
-        dvc("exp", "show", "--only-changed", "--md").strip(),
+        # With the base's row, a param that the branch changed has its column, and its old value beside the new.
+        dvc(
+            "exp", "show", *(f"--rev={rev}" for rev in dict.fromkeys(("HEAD", base))), "--only-changed", "--md"
+        ).strip(),
         "",
         f"## Plots (`dvc plots diff`: the workspace against {base})",
         "",

@@ -230,7 +230,7 @@ def test_report_writes_every_plot_as_an_image_and_a_markdown_summary(built):
         with Image.open(image) as picture:
             assert picture.format in ("PNG", "GIF") and picture.width > 200 and picture.height > 100
     summary = (project / "report" / "README.md").read_text()
-    assert "## Experiments (`dvc exp show --only-changed`)" in summary
+    assert "## Experiments (`dvc exp show --only-changed`, from HEAD and HEAD)" in summary
     assert "| Experiment " in summary  # exp show's markdown table
     assert "| Path " in summary and "metrics/eval.json" in summary  # metrics diff's
     assert all(f"]({image.name})" in summary for image in images)
@@ -351,6 +351,11 @@ def test_the_pull_request_report_shows_a_branchs_changes_against_its_base(built)
     [loss] = [row for row in metrics.splitlines() if re.match(r"\| metrics/eval\.json\s*\| loss ", row)]
     old, new, change = (float(cell) for cell in loss.strip("| ").split("|")[2:5])
     assert new > old and change == pytest.approx(new - old, abs=1e-4)  # one epoch instead of three
+    # The base has its row, and the params the branch changed their columns.
+    experiments = summary.split("## Experiments")[1].split("## Plots")[0].splitlines()
+    header = next(line for line in experiments if line.startswith("| Experiment"))
+    assert "train.epochs" in header and "augment.rotation" in header
+    assert any(re.match(rf"\|\s*{re.escape(base)}\s*\|", line) for line in experiments)
     links = re.findall(r"\]\(([^)]+)\)", summary)
     assert len(links) == 11  # 5 curves, the per-digit errors and the confusions, and 2 pictures a revision
     for link in links:
