@@ -298,11 +298,29 @@ def training(project: Path, until: str = "training on", **params: object) -> Ite
         run(project, "git", "checkout", "--", "params.yaml")
 
 
-def train_output_bytes(project: Path) -> dict[str, bytes]:
-    """The train stage's outputs, DVCLive's files one by one, by path."""
-    files = [project / "models" / "checkpoint.pt", project / "metrics" / "augmented.gif"]
-    files += sorted((project / "metrics" / "train").rglob("*.*"))
-    return {str(file.relative_to(project)): file.read_bytes() for file in files}
+# The train stage's outputs (dvc.yaml's outs, metrics and plots of the stage).
+TRAIN_OUTPUTS = ("models/checkpoint.pt", "metrics/augmented.gif", "metrics/train")
+
+
+def train_outputs(project: Path) -> dict[str, object]:
+    """The train stage's outputs, by path: a file's bytes, a folder's (DVCLive's) files' bytes by name,
+    None where absent."""
+    outputs: dict[str, object] = {}
+    for name in TRAIN_OUTPUTS:
+        path = project / name
+        if path.is_dir():
+            outputs[name] = {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+        else:
+            outputs[name] = path.read_bytes() if path.exists() else None
+    return outputs
+
+
+def remove_train_outputs(project: Path) -> None:
+    """Remove the train stage's outputs, as DVC does before it runs the stage."""
+    from mnist_pipeline.stage import remove_output
+
+    for name in TRAIN_OUTPUTS:
+        remove_output(project / name)
 
 
 def export_files(model, directory: Path, images):

@@ -25,7 +25,7 @@ from conftest import (
     stage_command,
     started,
     synthetic_split,
-    train_output_bytes,
+    train_outputs,
     training,
     user_environment,
 )
@@ -76,7 +76,7 @@ def results_of(
 ) -> tuple[dict, dict[str, bytes], str, subprocess.CompletedProcess]:
     """The checkpoint, the bytes of the outputs and the per-epoch loss table a run left, and the run."""
     steps = (project / "metrics" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
-    return checkpoint(project), train_output_bytes(project), steps, result
+    return checkpoint(project), train_outputs(project), steps, result
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_two_processes_write_the_bytes_of_one_and_rank_0_alone_writes(one_and_tw
     assert two_outputs == one_outputs
     assert "nproc" not in one["train_params"]  # how a training runs is not what it computes (params.py)
     assert one["train_params"]["augment"]["elastic_alpha"] == 8  # the copy's augmentation, recorded
-    assert json.loads(one_outputs["metrics/train/metrics.json"])["test"]["accuracy"] > 0.9
+    assert json.loads(one_outputs["metrics/train"]["metrics.json"])["test"]["accuracy"] > 0.9
     # Rank 0 alone talks and logs: one start line, one row per epoch (and epoch 0).
     [start] = [line for line in result.stdout.splitlines() if line.startswith("training on")]
     assert re.fullmatch(
@@ -229,7 +229,7 @@ def test_two_machines_of_two_processes_write_the_bytes_of_one_process(downloaded
         run(project, "git", "checkout", "--", "params.yaml")
     assert [node.returncode for node in nodes] == [0, 0], printed
     assert "training on cpu x 4 processes" in printed[0][0]
-    assert train_output_bytes(project) == one_process
+    assert train_outputs(project) == one_process
     assert not outputs.exists() and "training on" not in printed[1][0]
 
 
@@ -252,7 +252,7 @@ def test_ranks_that_torchrun_restarts_resume_from_the_last_epoch(downloaded):
     project, _ = downloaded
     epochs = 12  # of 10 steps each: the kill lands with epochs to spare
     train(project, nproc=1, epochs=epochs)
-    uninterrupted = train_output_bytes(project)
+    uninterrupted = train_outputs(project)
     set_params(project, nproc=2, epochs=epochs)
     torchrun = ["torchrun", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--module"]
     try:
@@ -264,7 +264,7 @@ def test_ranks_that_torchrun_restarts_resume_from_the_last_epoch(downloaded):
     assert process.returncode == 0, stderr
     [resumed] = [line for line in stdout.splitlines() if line.startswith("resuming after epoch ")]
     assert resumed.endswith(f" of {epochs}: an interrupted run saved it")
-    assert train_output_bytes(project) == uninterrupted
+    assert train_outputs(project) == uninterrupted
     assert not list((project / STATE_FOLDER).glob("*"))
 
 

@@ -15,10 +15,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import COMMAND_TIMEOUT, bare_environment, copy_project, run, set_params, stage_command, training
+from conftest import (
+    COMMAND_TIMEOUT,
+    TRAIN_OUTPUTS,
+    bare_environment,
+    copy_project,
+    remove_train_outputs,
+    run,
+    set_params,
+    stage_command,
+    train_outputs,
+    training,
+)
 
 from mnist_pipeline.resume import STATE_FOLDER
-from mnist_pipeline.stage import remove_output
 
 OUTPUTS = (
     "models/checkpoint.pt",
@@ -95,25 +105,9 @@ def test_a_damaged_checkpoint_is_one_line_and_the_next_repro_mends_it(downloaded
     assert "Data and pipelines are up to date." in run(project, "dvc", "status").stdout
 
 
-TRAIN_OUTPUTS = ("models/checkpoint.pt", "metrics/train", "metrics/augmented.gif")
-
-
-def train_outputs(project: Path) -> dict[str, object]:
-    """The train stage's outputs: a file's bytes, a folder's files' bytes by name, None where absent."""
-    outputs: dict[str, object] = {}
-    for name in TRAIN_OUTPUTS:
-        path = project / name
-        if path.is_dir():
-            outputs[name] = {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
-        else:
-            outputs[name] = path.read_bytes() if path.exists() else None
-    return outputs
-
-
 def fresh_start(project: Path) -> None:
     """No output and no saved state, as DVC leaves a stage that it is about to run again."""
-    for name in TRAIN_OUTPUTS:
-        remove_output(project / name)
+    remove_train_outputs(project)
     shutil.rmtree(project / STATE_FOLDER, ignore_errors=True)
 
 

@@ -277,7 +277,7 @@ def test_the_artifact_commands_fetch_the_model(project, uv_shim, tmp_path):
     run_shell(project, commands, uv_shim)
     assert (project / "shipped.pt").read_bytes() == (project / "models" / "model.pt").read_bytes()
     script = "import dvc.api, sys; print(dvc.api.artifacts_show('mnist-mlp', repo=sys.argv[1])['path'])"
-    shown = subprocess.run([sys.executable, "-c", script, str(project)], capture_output=True, text=True, check=True)
+    shown = run(project, "python", "-c", script, str(project))  # in the user's environment, as `uv run python`
     assert shown.stdout.strip() == "models/model.pt"
 
 

@@ -6,22 +6,23 @@ import os
 import random
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import COMMAND_TIMEOUT, copy_project, run, set_params, stage_command, started, train_output_bytes
+from conftest import (
+    COMMAND_TIMEOUT,
+    copy_project,
+    remove_train_outputs,
+    run,
+    set_params,
+    stage_command,
+    started,
+    train_outputs,
+)
 
 from mnist_pipeline.resume import STATE_FOLDER, discard_state, state_path
-from mnist_pipeline.stage import remove_output
 
 EPOCHS = 12  # of 10 steps each: a tenth of a second or so here
-OUTPUTS = ("models/checkpoint.pt", "metrics/augmented.gif", "metrics/train")
-
-
-def remove_outputs(project: Path) -> None:
-    for output in OUTPUTS:
-        remove_output(project / output)
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +37,9 @@ def project(tmp_path_factory, synthetic_mirror):
     run(project, "git", "add", "-A")
     run(project, "git", "commit", "-qm", "data")
     run(project, *stage_command(project, "train"))
-    uninterrupted = train_output_bytes(project)
+    uninterrupted = train_outputs(project)
     assert not list((project / STATE_FOLDER).glob("*")), "an ended training left its state behind"
-    remove_outputs(project)
+    remove_train_outputs(project)
     return project, str(directory), uninterrupted
 
 
@@ -61,7 +62,7 @@ def test_a_training_killed_by_each_signal_in_turn_ends_with_the_bytes_of_an_unin
     result = run(project, *command)
     resumed = [line for line in result.stdout.splitlines() if line.startswith("resuming after epoch ")]
     assert len(resumed) == 1 and resumed[0].endswith(f" of {EPOCHS}: an interrupted run saved it"), kills
-    assert train_output_bytes(project) == uninterrupted, kills
+    assert train_outputs(project) == uninterrupted, kills
     assert not list((project / STATE_FOLDER).glob("*")), kills
 
 
@@ -78,7 +79,7 @@ def test_a_killed_dvc_exp_run_resumes_in_a_temporary_copy(project):
     result = run(project, "dvc", "exp", "run", "--temp", "-n", "resumed", mirror=mirror)
     assert "resuming after epoch " in result.stdout
     run(project, "dvc", "exp", "apply", "resumed")
-    assert train_output_bytes(project) == uninterrupted
+    assert train_outputs(project) == uninterrupted
     assert not list((project / STATE_FOLDER).glob("*"))
     assert "Data and pipelines are up to date." in run(project, "dvc", "status").stdout
 

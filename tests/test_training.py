@@ -28,12 +28,21 @@ from mnist_pipeline.training import (
 BF16_CPU = cpu_has_native_bf16()
 
 
-def fit(params: TrainParams = TRAIN_PARAMS, hidden_sizes: tuple[int, ...] = (64, 32)) -> tuple[MLP, list[dict]]:
+def fit(
+    params: TrainParams = TRAIN_PARAMS, hidden_sizes: tuple[int, ...] = (64, 32), threads: list[int] | None = None
+) -> tuple[MLP, list[dict]]:
+    """A training on synthetic data: the model and its rows; the thread count at each row into `threads`."""
     images, labels = to_tensors(*synthetic_split(320, seed=0), torch.device("cpu"))
     torch.manual_seed(params.seed)
     model = MLP(list(hidden_sizes))
     rows: list[dict] = []
-    train(model, images, labels, params, NO_AUGMENTATION, rows.append)
+
+    def report(row: dict) -> None:
+        rows.append(row)
+        if threads is not None:
+            threads.append(torch.get_num_threads())
+
+    train(model, images, labels, params, NO_AUGMENTATION, report)
     return model, rows
 
 
@@ -84,18 +93,8 @@ def weights_at_1_2_and_3_threads(arithmetic: str) -> list[dict[str, torch.Tensor
             params = dataclasses.replace(
                 TRAIN_PARAMS, batch_size=64, epochs=2, lr=0.01, arithmetic=arithmetic, num_threads=count
             )
-            images, labels = to_tensors(*synthetic_split(320, seed=0), torch.device("cpu"))
-            torch.manual_seed(params.seed)
-            model = MLP([520, 320, 240, 120])
-            counts = []
-            train(
-                model,
-                images,
-                labels,
-                params,
-                NO_AUGMENTATION,
-                lambda row, counts=counts: counts.append(torch.get_num_threads()),
-            )
+            counts: list[int] = []
+            model, _ = fit(params, (520, 320, 240, 120), counts)
             assert counts == [count] * 3  # epoch 0 and the two epochs ran on `count` threads
             weights.append(model.state_dict())
     finally:
